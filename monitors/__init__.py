@@ -1,0 +1,1 @@
+"""Pure computation: entropy estimators and detectors (no web, no Prometheus)."""

@@ -1,0 +1,1 @@
+"""entropy-proxy: the HTTP service."""

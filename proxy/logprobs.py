@@ -1,0 +1,197 @@
+"""Reading the upstream's logprobs into arrays, and cutting them back to what the client asked for.
+
+Two wire shapes (see docs/vllm-shapes.md):
+- chat: ``logprobs.content[j] = {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}, ...]}``;
+- completions: ``logprobs = {tokens, token_logprobs, text_offset, top_logprobs: [{token: logprob} | null]}``
+  (a dict per position, so duplicate token strings collapse into one entry).
+In both, vLLM lists the sampled token first and the rest in rank order; when the sampled token is outside the
+top K the list holds it plus the top K-1 (chat) or the top K (completions: up to K+1 entries).
+A position without logprobs (vLLM's fallback entry: ``logprob`` -9999 with no alternatives, or no keys at all in a
+stream) is skipped for entropy and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+NAN = math.nan
+N_ALTERNATIVES = 5  # alternatives kept per token for observers (audit page hover)
+
+
+@dataclass(slots=True)
+class Positions:
+    """Generated positions of one choice (or one chunk of it), ready for the estimator."""
+
+    logprobs: np.ndarray  # (T, W) float64, NaN padding
+    sampled: np.ndarray  # (T,) sampled token's logprob
+    sampled_col: np.ndarray  # (T,) int column of the sampled token, -1 unknown
+    collapsed: np.ndarray | None  # (T,) bool, completions rows that may have lost entries
+    tokens: list[str] = field(default_factory=list)
+    alternatives: list[list[tuple[str, float]]] = field(default_factory=list)
+    skipped: int = 0  # positions without usable logprobs
+    impossible: int = 0  # positions with a positive logprob (logits, not logprobs)
+
+    @property
+    def count(self) -> int:
+        return len(self.sampled)
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else NAN
+
+
+def _pack(
+    rows: list[list[float]], sampled: list[float], cols: list[int], collapsed: list[bool] | None,
+    tokens: list[str], alts: list[list[tuple[str, float]]], skipped: int,
+) -> Positions:
+    t = len(rows)
+    width = max((len(r) for r in rows), default=0)
+    arr = np.full((t, max(width, 1)), NAN)
+    for i, r in enumerate(rows):
+        arr[i, : len(r)] = r
+    impossible = int(np.count_nonzero(np.nanmax(arr, axis=1) > 1e-6)) if t and width else 0
+    return Positions(
+        logprobs=arr,
+        sampled=np.asarray(sampled, dtype=np.float64),
+        sampled_col=np.asarray(cols, dtype=np.int64),
+        collapsed=None if collapsed is None else np.asarray(collapsed, dtype=bool),
+        tokens=tokens,
+        alternatives=alts,
+        skipped=skipped,
+        impossible=impossible,
+    )
+
+
+def chat_positions(content: list[Any] | None) -> Positions:
+    rows: list[list[float]] = []
+    sampled: list[float] = []
+    cols: list[int] = []
+    tokens: list[str] = []
+    alts: list[list[tuple[str, float]]] = []
+    skipped = 0
+    for pos in content or ():
+        if not isinstance(pos, dict):
+            skipped += 1
+            continue
+        top = pos.get("top_logprobs")
+        lp = _num(pos.get("logprob"))
+        if not top or not isinstance(top, list) or math.isnan(lp):
+            skipped += 1
+            continue
+        tok = pos.get("token")
+        col = -1
+        row: list[float] = []
+        for i, e in enumerate(top):
+            if isinstance(e, dict):
+                row.append(_num(e.get("logprob")))
+                if col < 0 and e.get("token") == tok:
+                    col = i
+            else:
+                row.append(NAN)
+        rows.append(row)
+        sampled.append(lp)
+        cols.append(col)
+        tokens.append(tok if isinstance(tok, str) else "")
+        alts.append([(e.get("token", ""), e.get("logprob")) for e in top[:N_ALTERNATIVES] if isinstance(e, dict)])
+    return _pack(rows, sampled, cols, None, tokens, alts, skipped)
+
+
+def completion_positions(lp: dict[str, Any] | None, start: int, k_requested: int) -> Positions:
+    """Positions ``start:`` of a completions ``logprobs`` object (``start`` skips an echoed prompt)."""
+    rows: list[list[float]] = []
+    sampled: list[float] = []
+    cols: list[int] = []
+    collapsed: list[bool] = []
+    tokens: list[str] = []
+    alts: list[list[tuple[str, float]]] = []
+    skipped = 0
+    if not isinstance(lp, dict):
+        return _pack(rows, sampled, cols, collapsed, tokens, alts, skipped)
+    toks = lp.get("tokens") or []
+    tlps = lp.get("token_logprobs") or []
+    tops = lp.get("top_logprobs") or []
+    for j in range(start, min(len(toks), len(tlps), len(tops))):
+        top = tops[j]
+        s = _num(tlps[j])
+        if not top or not isinstance(top, dict) or math.isnan(s):
+            skipped += 1
+            continue
+        tok = toks[j]
+        keys = list(top)
+        col = keys.index(tok) if tok in top else -1
+        rows.append([_num(v) for v in top.values()])
+        sampled.append(s)
+        cols.append(col)
+        # Fewer entries than asked for: duplicate strings may have collapsed; the lower bound must know.
+        collapsed.append(len(top) < k_requested)
+        tokens.append(tok if isinstance(tok, str) else "")
+        alts.append(list(top.items())[:N_ALTERNATIVES])
+    return _pack(rows, sampled, cols, collapsed, tokens, alts, skipped)
+
+
+def echo_prompt_positions(lp: dict[str, Any] | None, prompt: Any, choice: dict[str, Any]) -> int:
+    """How many leading positions of an echoed completions choice belong to the prompt."""
+    if not isinstance(lp, dict):
+        return 0
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        offsets = lp.get("text_offset") or []
+        cut = len(prompt)
+        return sum(1 for o in offsets if isinstance(o, int) and o < cut)
+    plp = choice.get("prompt_logprobs")
+    if isinstance(plp, list):
+        return len(plp)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return len(prompt)
+    return 0
+
+
+def _keep_count(entries: list[float], sampled: float, n: int) -> int:
+    """Entries of a completions dict that vLLM would have sent for ``logprobs=n``: top n, plus the sampled token
+    (listed first) when it ranks below n."""
+    rank = 1 + sum(1 for v in entries[1:] if isinstance(v, (int, float)) and v > sampled)
+    return n if rank <= n else n + 1
+
+
+def trim_chat(choice: dict[str, Any], ask_logprobs: bool, top: int, k_sent: int) -> None:
+    """Cut a chat choice's logprobs (full body or stream chunk) back to the client's request, in place."""
+    if not ask_logprobs:
+        if "logprobs" in choice:
+            choice["logprobs"] = None
+        return
+    if top == -1 or top >= k_sent:
+        return
+    lp = choice.get("logprobs")
+    if isinstance(lp, dict):
+        for pos in lp.get("content") or ():
+            if isinstance(pos, dict) and isinstance(pos.get("top_logprobs"), list):
+                pos["top_logprobs"] = pos["top_logprobs"][:top]
+
+
+def trim_completion(choice: dict[str, Any], ask_logprobs: bool, top: int, k_sent: int, keep_prompt_lp: bool) -> None:
+    if not keep_prompt_lp and choice.get("prompt_logprobs") is not None:
+        choice["prompt_logprobs"] = None
+    if not ask_logprobs:
+        if "logprobs" in choice:
+            choice["logprobs"] = None
+        return
+    if top == -1 or top >= k_sent:
+        return
+    lp = choice.get("logprobs")
+    if not isinstance(lp, dict):
+        return
+    tops = lp.get("top_logprobs")
+    tlps = lp.get("token_logprobs") or []
+    if not isinstance(tops, list):
+        return
+    for j, d in enumerate(tops):
+        if isinstance(d, dict) and len(d) > top:
+            s = tlps[j] if j < len(tlps) and isinstance(tlps[j], (int, float)) else -math.inf
+            keep = _keep_count(list(d.values()), s, top)
+            if len(d) > keep:
+                tops[j] = dict(list(d.items())[:keep])

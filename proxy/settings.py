@@ -1,0 +1,179 @@
+"""One settings object, read once at start-up.
+
+Sources, later ones winning: built-in defaults < YAML file (``--config``) < environment
+(``ENTROPY_PROXY_<KEY>``, nested keys joined by ``__``, e.g. ``ENTROPY_PROXY_THRESHOLDS__CONFIDENT_MEAN``)
+< command-line flags. A missing or bad value raises :class:`SettingsError` whose message is one line naming
+the key. Every key is documented in ``docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "ENTROPY_PROXY_"
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or invalid; ``str(err)`` is one line naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Thresholds(_Section):
+    confident_mean: float = Field(0.3, ge=0, description="flag `confident` when the mean entropy is at most this")
+    uncertain_mean: float = Field(1.5, ge=0, description="flag `uncertain` when the mean entropy is at least this")
+    low_confidence_prob: float = Field(0.1, ge=0, le=1, description="a token below this probability is low-confidence")
+    forking: float | Literal["adaptive"] = Field(
+        "adaptive", description="forking-token entropy cut-off in nats, or `adaptive` (rolling 80th percentile)"
+    )
+    forking_heavy_fraction: float = Field(0.35, ge=0, le=1, description="flag `forking_heavy` above this fraction")
+    tail_mass: float = Field(0.25, ge=0, le=1, description="flag `truncated_tail` above this mean tail mass")
+
+    @field_validator("forking", mode="before")
+    @classmethod
+    def _forking(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "adaptive":
+            try:
+                return float(v)
+            except ValueError:
+                raise ValueError("must be a number or 'adaptive'") from None
+        return v
+
+
+class AuditSettings(_Section):
+    url: str = "sqlite:///./entropy-proxy.db"
+    sample_rate: float = Field(0.05, ge=0, le=1)
+    store_text: bool = False
+    retention_days: int = Field(30, ge=1)
+    queue_size: int = Field(10_000, ge=1)
+    batch_size: int = Field(200, ge=1)
+    enabled: bool = True
+
+
+class MonitorSettings(_Section):
+    window: int = Field(2_000, ge=10, description="responses in the sliding window")
+    baseline: int = Field(20_000, ge=100, description="tokens that make the start-up baseline")
+    baseline_file: str | None = None
+    strategic_grams_file: str | None = None
+
+
+class ProbeSettings(_Section):
+    sample_rate: float = Field(0.0, ge=0, le=1)
+    concurrency: int = Field(1, ge=1)
+    off_policy_upstream: str | None = None
+    off_policy_model: str | None = None
+
+
+class Settings(_Section):
+    upstream: str
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    top_k: int = Field(20, ge=1, le=1000)
+    timeout_s: float = Field(600.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    vocab_size: int = Field(262_144, ge=2, description="used for the entropy upper bound when the model's is unknown")
+    models: list[str] = Field(default_factory=list, description="allow-list for metric labels")
+    api_keys: list[str] = Field(default_factory=list, description="keys clients must send; empty: no check")
+    upstream_api_key: str | None = Field(None, description="sent upstream as Bearer; else the client's is forwarded")
+    admin_keys: list[str] = Field(default_factory=list)
+    log_level: str = "info"
+    thresholds: Thresholds = Thresholds()
+    audit: AuditSettings = AuditSettings()
+    monitors: MonitorSettings = MonitorSettings()
+    probe: ProbeSettings = ProbeSettings()
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, v: str) -> str:
+        v = v.strip().rstrip("/")
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        # Accept both http://host:8000 and http://host:8000/v1; the proxy appends /v1/... itself.
+        if v.endswith("/v1"):
+            v = v[: -len("/v1")]
+        return v
+
+    @field_validator("models", "api_keys", "admin_keys", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+
+def _set_nested(target: dict[str, Any], dotted: list[str], value: Any) -> None:
+    for part in dotted[:-1]:
+        target = target.setdefault(part, {})
+    target[dotted[-1]] = value
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX) and key != ENV_PREFIX + "CONFIG":
+            _set_nested(out, key[len(ENV_PREFIX) :].lower().split("__"), value)
+    return out
+
+
+def _from_file(path: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise SettingsError(f"config: cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise SettingsError(f"config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"config: {path} must hold a mapping of keys")
+    return data
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Settings:
+    """Build the settings from defaults, a YAML file, the environment and explicit overrides (flags).
+
+    ``overrides`` may use dotted keys (``{"thresholds.forking": 0.5}``); ``None`` values are ignored.
+    """
+    environ = os.environ if environ is None else environ
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    data: dict[str, Any] = _from_file(config_file) if config_file else {}
+    data = _merge(data, _from_env(environ))
+    flat: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_nested(flat, key.split("."), value)
+    data = _merge(data, flat)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "settings"
+        msg = err["msg"]
+        if err["type"] == "missing":
+            msg = f"required (flag --{key}, env {ENV_PREFIX}{key.upper().replace('.', '__')}, or the config file)"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise SettingsError(f"{key}: {msg}") from None

@@ -1,0 +1,112 @@
+"""The one upstream connection pool, header forwarding, and learning the upstream's logprobs limit."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import httpx
+
+from .errors import UpstreamBadResponse, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .settings import Settings
+
+# vLLM: "Requested sample logprobs of 21, which is greater than max allowed: 20 (parameter=logprobs, value=21)"
+_MAX_ALLOWED = re.compile(r"greater than max allowed:\s*(-?\d+)")
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+        "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+    }
+)
+# Headers of the proxy's own protocol, never forwarded upstream.
+_OWN_REQUEST_HEADERS = frozenset({"x-entropy-detail"})
+
+
+def max_allowed(message: object) -> int | None:
+    """The limit N from vLLM's 'greater than max allowed: N' error message, if that is what this is."""
+    if isinstance(message, str):
+        m = _MAX_ALLOWED.search(message)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def error_message(obj: object) -> object:
+    """The message of an OpenAI-shaped (``{"error": {"message"}}``) or TGI-shaped (``{"error": str}``) body."""
+    if isinstance(obj, dict):
+        err = obj.get("error")
+        if isinstance(err, dict):
+            return err.get("message")
+        return err
+    return None
+
+
+def request_headers(items: Iterable[tuple[str, str]], settings: Settings, annotated: bool) -> dict[str, str]:
+    """Client headers to send upstream: all but hop-by-hop ones and the proxy's own."""
+    out: dict[str, str] = {}
+    for k, v in items:
+        lk = k.lower()
+        if lk in HOP_BY_HOP or lk in _OWN_REQUEST_HEADERS:
+            continue
+        if annotated and lk == "accept-encoding":
+            continue  # the proxy must read annotated bodies: ask for them uncompressed
+        if lk == "authorization" and (settings.upstream_api_key or settings.api_keys):
+            continue  # the client's key was for the proxy; the upstream gets its own (below) or none
+        out[k] = v
+    if settings.upstream_api_key:
+        out["Authorization"] = f"Bearer {settings.upstream_api_key}"
+    if annotated:
+        out["Accept-Encoding"] = "identity"
+    return out
+
+
+def response_headers(headers: httpx.Headers, *, keep_length: bool) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in headers.multi_items():
+        lk = k.lower()
+        if lk in HOP_BY_HOP and not (keep_length and lk == "content-length"):
+            continue
+        if not keep_length and lk == "content-encoding":
+            continue
+        if lk in ("date", "server"):
+            continue  # the proxy's server writes its own
+        out[k] = v
+    return out
+
+
+def map_exception(exc: Exception) -> UpstreamError:
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"The upstream did not answer in time ({type(exc).__name__}).")
+    if isinstance(exc, (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError,
+                        httpx.NetworkError)):
+        return UpstreamUnavailable(f"The upstream could not be reached ({type(exc).__name__}).")
+    if isinstance(exc, UpstreamError):
+        return exc
+    return UpstreamBadResponse(f"The upstream request failed ({type(exc).__name__}).")
+
+
+class Upstream:
+    """Owns the long-lived ``httpx.AsyncClient`` and what the proxy has learnt about the upstream."""
+
+    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.settings = settings
+        self.client = httpx.AsyncClient(
+            base_url=settings.upstream,
+            timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30),
+            transport=transport,
+            follow_redirects=False,
+        )
+        self.max_k: int | None = None  # learnt from the upstream's "greater than max allowed: N"
+
+    @property
+    def k(self) -> int:
+        k = self.settings.top_k
+        return k if self.max_k is None or self.max_k < 0 else min(k, self.max_k)
+
+    def learn_max(self, n: int) -> None:
+        self.max_k = n
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
