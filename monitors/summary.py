@@ -65,7 +65,7 @@ def summarize(
             mean_logprob=None, confidence=None, min_token_prob=None, low_confidence_tokens=0, flags=[],
         )
         if per_token:
-            out["per_token"] = []
+            out.update(per_token=[], per_token_lower=[], per_token_upper=[])
         return out
     mean = float(point.mean())
     probs = np.exp(np.maximum(sampled_logprob, -745.0))
@@ -99,6 +99,8 @@ def summarize(
     )
     if per_token:
         out["per_token"] = per_token_list(point)
+        out["per_token_lower"] = per_token_list(lower)
+        out["per_token_upper"] = per_token_list(upper)
     return out
 
 

@@ -201,7 +201,7 @@ class ResponseAnnotator:
         )
         if self.first_summary is None or idx == 0:
             self.first_summary = summary
-        obs_summary = {k: v for k, v in summary.items() if k != "per_token"}
+        obs_summary = {k: v for k, v in summary.items() if not k.startswith("per_token")}
         self.finished.append(
             Observation(
                 request_id=self.request_id, model=self.model, endpoint=self.ask.endpoint, choice_index=idx,

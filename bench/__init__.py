@@ -1,0 +1,1 @@
+"""Benchmarks and reference scripts (run from the repository root as ``python -m bench.<name>``)."""
