@@ -37,6 +37,31 @@ log = logging.getLogger("entropy_proxy")
 # Optional components, each a module with install(); a missing module is skipped (it is not installed yet).
 COMPONENTS = ("proxy.metrics", "proxy.audit", "proxy.probe")
 PAPER_FORKING_THRESHOLD = 0.672  # Wang et al. 2025: 80th percentile on Qwen3-8B; used until a window exists
+MAX_DISCOVERED_MODELS = 32
+
+
+async def _discover_models(app: FastAPI, upstream: Upstream, settings: Settings) -> None:
+    """Without a configured ``models`` allow-list, label metrics with the models the upstream serves.
+
+    The upstream's own list is bounded and not client-controlled, so labels stay bounded; retried until it answers.
+    """
+    for _ in range(360):
+        try:
+            r = await upstream.client.get("/v1/models", headers=request_headers((), settings, annotated=False),
+                                          timeout=5.0)
+            data = r.json().get("data") if r.status_code == 200 else None
+            if isinstance(data, list):
+                ids = [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+                ids = ids[:MAX_DISCOVERED_MODELS]
+                for name in ("metrics", "monitoring"):
+                    target = getattr(app.state, name, None)
+                    if target is not None:
+                        target.allowed = type(target.allowed)(ids)
+                log.info("metric labels for models: %s", ", ".join(ids) or "(none)")
+                return
+        except (httpx.HTTPError, ValueError, AttributeError):
+            pass
+        await anyio.sleep(10)
 
 
 def _check_key(request: Request, keys: list[str]) -> None:
@@ -74,13 +99,19 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.upstream = upstream = Upstream(settings, transport=transport)
         app.state.service = ProxyService(upstream, hub, annotator)
-        async with AsyncExitStack() as stack:
-            for cm in contexts:
-                await stack.enter_async_context(cm)
-            try:
-                yield
-            finally:
-                await upstream.aclose()
+        try:
+            async with AsyncExitStack() as stack:
+                for cm in contexts:
+                    await stack.enter_async_context(cm)
+                async with anyio.create_task_group() as tg:
+                    if not settings.models:
+                        tg.start_soon(_discover_models, app, upstream, settings)
+                    try:
+                        yield
+                    finally:
+                        tg.cancel_scope.cancel()
+        finally:
+            await upstream.aclose()
 
     app = FastAPI(
         title="entropy-proxy",

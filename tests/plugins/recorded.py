@@ -87,7 +87,7 @@ async def proxy_client(
     """An httpx client talking to a proxy app whose upstream is ``upstream`` (a MockTransport handler).
 
     ``components`` defaults to none: the core alone; pass ``proxy.app.COMPONENTS`` for the whole proxy."""
-    s = load_settings({"upstream": UPSTREAM, "audit.enabled": False, **settings}, environ={})
+    s = load_settings({"upstream": UPSTREAM, "audit.enabled": False, "models": ["smollm2"], **settings}, environ={})
     app = create_app(s, transport=httpx.MockTransport(upstream), components=components)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

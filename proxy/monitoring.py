@@ -1,0 +1,334 @@
+"""Live monitors per model, fed from Observations: forking threshold, drift, collapse, diversity, formats, planning.
+
+Two paths:
+- the request path (:meth:`Monitoring.observe`, called by the ObserverHub): numpy-only updates that cost a few
+  tens of microseconds per response - the rolling quantile, forking statistics, drift histograms, CUSUMs;
+- a background thread (bounded queue of ``QUEUE_SIZE`` jobs; when full, jobs are dropped and counted): the text
+  work - format classification, distinct-2, chrF groups, strategic-gram matching and the planning/execution
+  split of token entropy, whose results reach :attr:`Monitoring.token_class_sinks` (the Prometheus histograms).
+  The worker publishes its readings as one dict per model (replaced whole), so readers never see a half update.
+
+Monitors are kept per *label* (an allow-listed model name or ``other``): their number is bounded by the config.
+Diagnosis (``state``), first that holds: ``recognition`` when the collapse score is >= 0.5 but diversity has not
+fallen (its component < 0.25) - entropy down, behaviour steady; ``collapse`` when the score is >= 0.5;
+``drift`` when PSI >= 0.25 (or JS >= 0.1); else ``healthy``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monitors.collapse import COLLAPSE_THRESHOLD, CollapseMonitor, PerformanceFit
+from monitors.diversity import Diversity, prompt_key
+from monitors.drift import DriftMonitor, validate_drift_dict
+from monitors.forking import forking_stats
+from monitors.formats import FormatMix, classify_format
+from monitors.planning import PlanningClassifier, SemanticGramWindow, load_lexicon
+from monitors.quantile import RollingQuantile
+
+from .observe import Observation
+from .settings import Settings, SettingsError
+
+log = logging.getLogger("entropy_proxy.monitoring")
+
+DEFAULT_FORKING = 0.672  # Wang et al.'s 80th percentile, used until the sketch holds MIN_QUANTILE_TOKENS
+MIN_QUANTILE_TOKENS = 500
+FORKING_QUANTILE = 0.8
+QUEUE_SIZE = 1_000
+PSI_ALERT, JS_ALERT = 0.25, 0.1
+STATES = ("healthy", "recognition", "collapse", "drift")
+BASELINE_FORMAT = "entropy-proxy-baseline"
+TokenClassSink = Callable[[str, np.ndarray, np.ndarray], None]
+
+
+def _mean(xs: deque[float]) -> float | None:
+    return round(sum(xs) / len(xs), 4) if xs else None
+
+
+class ModelMonitors:
+    def __init__(self, window: int, baseline_tokens: int, planner: PlanningClassifier) -> None:
+        self.quantile = RollingQuantile()
+        self.drift = DriftMonitor(window=window, baseline_tokens=baseline_tokens)
+        self.collapse = CollapseMonitor()
+        self.diversity = Diversity(window=window)
+        self.formats = FormatMix(window=window)
+        self.grams = SemanticGramWindow(window=window)
+        self.planner = planner
+        self.fit = PerformanceFit()
+        self.recent: dict[str, deque[float]] = {
+            k: deque(maxlen=window) for k in ("fraction", "mean_forking", "mean_rest", "near_zero", "top20_mean")
+        }
+        self.responses = 0
+        self.tokens = 0
+        self.text: dict[str, Any] = {}  # published by the worker
+
+    def observe(self, h: np.ndarray, threshold: float) -> None:
+        self.responses += 1
+        self.tokens += int(h.size)
+        self.quantile.update(h)
+        fs = forking_stats(h, threshold)
+        for k, dq in self.recent.items():
+            v = getattr(fs, k)
+            if v is not None:
+                dq.append(v)
+        self.drift.update(h)
+        if self.drift.frozen:
+            self.collapse.freeze()  # no-op once the references are fixed
+        self.collapse.update(float(h.mean()), fs.top20_mean)
+
+    def text_work(self, text: str, prompt: Any, finish: str | None, tokens: list[str], h: np.ndarray) -> np.ndarray:
+        self.formats.update(classify_format(text, finish))
+        self.diversity.add(text, prompt_key(prompt) if prompt is not None else None)
+        mask, grams = self.planner.classify(tokens) if len(tokens) == h.size else (np.zeros(h.size, bool), None)
+        if grams is not None:
+            self.grams.update(grams)
+        chrf = self.diversity.chrf_stats()
+        current = {
+            "distinct_2": self.diversity.distinct_2() if self.diversity.distinct_ready else None,
+            "chrf_distance": chrf["chrf_distance"] if (chrf["pairs"] or 0) >= 10 else None,
+            "format_entropy": self.formats.entropy() if len(self.formats) >= 50 else None,
+        }
+        self.collapse.note_diversity(current, self.drift.frozen)
+        self.text = {
+            "distinct_2": self.diversity.distinct_2(),
+            "chrf_distance": chrf["chrf_distance"],
+            "chrf": chrf,
+            "format_entropy": self.formats.entropy(),
+            "formats": self.formats.shares(),
+            "semantic_gram_entropy": self.grams.entropy(),
+            "planning_responses": self.grams.planning_responses(),
+            "comparable": current,
+        }
+        return mask
+
+    def diversity_values(self) -> dict[str, float | None]:
+        """Gauge values (latest readings, even before they are comparable with the baseline)."""
+        t = self.text
+        return {m: t.get(m) for m in ("distinct_2", "chrf_distance", "format_entropy", "semantic_gram_entropy")}
+
+    def collapse_components(self) -> dict[str, float | None]:
+        return self.collapse.components(self.text.get("comparable", {}))
+
+    def collapse_score(self) -> float:
+        return self.collapse.score(self.text.get("comparable", {}))
+
+    def state(self) -> str:
+        comps = self.collapse_components()
+        score = self.collapse.score(self.text.get("comparable", {}))
+        if score >= COLLAPSE_THRESHOLD:
+            div = comps.get("diversity")
+            return "recognition" if div is not None and div < 0.25 else "collapse"
+        d = self.drift.drift()
+        if (d["psi"] or 0.0) >= PSI_ALERT or (d["js"] or 0.0) >= JS_ALERT:
+            return "drift"
+        return "healthy"
+
+
+class Monitoring:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.allowed = set(settings.models)
+        m = settings.monitors
+        try:
+            self.planner = PlanningClassifier(load_lexicon(m.strategic_grams_file))
+        except (OSError, ValueError) as e:
+            raise SettingsError(f"monitors.strategic_grams_file: {e}") from None
+        self.models: dict[str, ModelMonitors] = {}
+        self.recognition: dict[str, float] = {}
+        self.token_class_sinks: list[TokenClassSink] = []
+        self._q: queue.Queue[tuple[str, str, Any, str | None, list[str], np.ndarray]] = queue.Queue(QUEUE_SIZE)
+        self.dropped = 0
+        self.processed = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if m.baseline_file:
+            try:
+                self.load_baseline(json.loads(Path(m.baseline_file).read_text()))
+            except (OSError, ValueError) as e:
+                raise SettingsError(f"monitors.baseline_file: {e}") from None
+
+    def label(self, model: str) -> str:
+        return model if model in self.allowed else "other"
+
+    def _get(self, label: str) -> ModelMonitors:
+        mm = self.models.get(label)
+        if mm is None:
+            mm = self.models[label] = ModelMonitors(
+                self.settings.monitors.window, self.settings.monitors.baseline, self.planner
+            )
+        return mm
+
+    # -- the request path ------------------------------------------------------------------------------------------
+    def current_forking_threshold(self, model: str) -> float:
+        fixed = self.settings.thresholds.forking
+        if fixed != "adaptive":
+            return float(fixed)
+        mm = self.models.get(self.label(model))
+        if mm is None or mm.quantile.count < MIN_QUANTILE_TOKENS:
+            return DEFAULT_FORKING
+        return mm.quantile.quantile(FORKING_QUANTILE, DEFAULT_FORKING)
+
+    def observe(self, obs: Observation) -> None:
+        h = np.asarray(obs.entropies, dtype=np.float64)
+        h = h[np.isfinite(h)] if h.size else h
+        if h.size == 0:
+            return
+        label = self.label(obs.model)
+        thr = obs.summary.get("forking_threshold")
+        thr = float(thr) if isinstance(thr, (int, float)) else self.current_forking_threshold(obs.model)
+        self._get(label).observe(h, thr)
+        try:
+            self._q.put_nowait((label, obs.completion_text, obs.prompt, obs.finish_reason, obs.tokens, h))
+        except queue.Full:
+            self.dropped += 1
+
+    # -- the background side -------------------------------------------------------------------------------------
+    def _process(self, job: tuple[str, str, Any, str | None, list[str], np.ndarray]) -> None:
+        label, text, prompt, finish, tokens, h = job
+        mask = self._get(label).text_work(text, prompt, finish, tokens, h)
+        self.processed += 1
+        for sink in self.token_class_sinks:
+            sink(label, h[mask], h[~mask])
+
+    def process_pending(self) -> int:
+        """Run queued text work in the caller's thread (tests, or when no worker runs); returns jobs done."""
+        n = 0
+        while True:
+            try:
+                job = self._q.get_nowait()
+            except queue.Empty:
+                return n
+            self._process(job)
+            n += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._process(job)
+            except Exception:  # noqa: BLE001 - one bad response must not stop the monitors
+                log.exception("monitor text work failed")
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Monitoring]:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="entropy-monitors", daemon=True)
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    # -- inputs from other components -----------------------------------------------------------------------------
+    def feedback(self, model: str, mean_entropy: float, score: float) -> None:
+        self._get(self.label(model)).fit.add(mean_entropy, score)
+
+    def set_recognition_ratio(self, model: str, value: float) -> None:
+        self.recognition[self.label(model)] = value
+
+    # -- readings --------------------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        models: dict[str, Any] = {}
+        for label, mm in list(self.models.items()):
+            fit = mm.fit.fit()
+            models[label] = {
+                "state": mm.state(),
+                "responses": mm.responses,
+                "tokens": mm.tokens,
+                "forking_threshold": round(self.current_forking_threshold(label), 4),
+                "forking": {k: _mean(v) for k, v in mm.recent.items()},
+                "drift": {k: (None if v is None else round(v, 5)) for k, v in mm.drift.values().items()},
+                "baseline": {
+                    "complete": mm.drift.frozen, "source": mm.drift.source,
+                    "tokens": int(mm.drift.base_tokens.sum()), "target_tokens": mm.drift.baseline_tokens,
+                },
+                "collapse": {
+                    "score": round(mm.collapse_score(), 4), "components": mm.collapse_components(),
+                    "entropy_cusum": mm.collapse.entropy.state(), "forking_cusum": mm.collapse.forking.state(),
+                    "diversity_baseline": dict(mm.collapse.diversity_base),
+                },
+                "diversity": {k: v for k, v in mm.text.items() if k != "comparable"},
+                "recognition_ratio": self.recognition.get(label),
+                "performance_law": None if fit is None else {
+                    "a": fit.a, "b": fit.b, "ceiling": fit.ceiling, "points": fit.n, "r2": fit.r2,
+                },
+            }
+        return {
+            "models": models,
+            "worker": {"queued": self._q.qsize(), "dropped": self.dropped, "processed": self.processed},
+        }
+
+    def baseline_snapshot(self) -> dict[str, Any]:
+        return {
+            "format": BASELINE_FORMAT, "version": 1, "created": time.time(),
+            "models": {
+                label: {"drift": mm.drift.to_dict(), "collapse": mm.collapse.to_dict()}
+                for label, mm in self.models.items()
+                if mm.drift.base_tokens.sum() > 0
+            },
+        }
+
+    def load_baseline(self, data: Any) -> None:
+        for label, entry in validate_baseline(data)["models"].items():
+            mm = self._get(label)
+            mm.drift.load_dict(entry["drift"])
+            mm.collapse.load_dict(entry.get("collapse") or {})
+
+
+def validate_baseline(data: Any) -> dict[str, Any]:
+    """Check a baseline file's content; raises ValueError with one line naming the bad field."""
+    if not isinstance(data, dict) or data.get("format") != BASELINE_FORMAT:
+        raise ValueError(f"not an {BASELINE_FORMAT} file (field 'format')")
+    if data.get("version") != 1:
+        raise ValueError("unsupported version (field 'version', expected 1)")
+    models = data.get("models")
+    if not isinstance(models, dict):
+        raise ValueError("field 'models' must be an object")
+    for label, entry in models.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"models.{label}: must be an object")
+        try:
+            validate_drift_dict(entry.get("drift"))
+        except ValueError as e:
+            raise ValueError(f"models.{label}.{e}") from None
+    return data
+
+
+def install(app: Any, settings: Settings, hub: Any, registry: Any) -> contextlib.AbstractAsyncContextManager[Any]:
+    """Create the monitors (``app.state.monitoring``), observe traffic, add the status and baseline routes.
+
+    The returned context manager runs the background text worker for the app's lifetime.
+    """
+    from fastapi import APIRouter
+
+    mon = Monitoring(settings)
+    app.state.monitoring = mon
+    hub.add(mon)
+    router = APIRouter()
+
+    @router.get("/v1/entropy/status")
+    async def entropy_status() -> dict[str, Any]:
+        return mon.status()
+
+    @router.get("/v1/entropy/baseline")
+    async def entropy_baseline() -> dict[str, Any]:
+        return mon.baseline_snapshot()
+
+    app.include_router(router)
+    return mon.running()
