@@ -43,7 +43,7 @@ ERROR_KINDS = frozenset({"unavailable", "timeout", "status_4xx", "status_5xx", "
 TOKEN_CLASSES = ("all", "planning", "execution")
 DIVERSITY_MEASURES = ("distinct_2", "chrf_distance", "format_entropy", "semantic_gram_entropy")
 CALIBRATION_MEASURES = frozenset({"ece", "brier", "auroc"})
-AUDIT_DROP_REASONS = frozenset({"queue_full", "store_down", "store_error", "encode_error"})
+AUDIT_DROP_REASONS = frozenset({"queue_full", "store_down", "store_error", "encode_error", "shutdown"})
 
 
 def _pick(value: str, allowed: Iterable[str]) -> str:

@@ -1,0 +1,200 @@
+"""``POST /v1/feedback`` and ``GET /audit`` (CONTRACT §3, §7).
+
+Feedback body: ``{"id": str, "correct": bool, "score": float | null, "note": str | null}``; unknown fields are
+ignored. 200 with the stored label, 404 ``not_found`` for an id the audit trail does not know, 400 with the
+OpenAI error shape for anything malformed. Repeated feedback for an id replaces the earlier label.
+
+When ``admin_keys`` is set, both routes need ``Authorization: Bearer <admin key>`` (the page also accepts HTTP
+Basic with the key as password, so a browser can log in). Keys are compared with ``hmac.compare_digest``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import math
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+
+from monitors.calibration import calibration
+from proxy.audit.page import FLAGS, LABEL_CHOICES, render_page
+from proxy.audit.report import Filters, build_report
+from proxy.audit.store import AuditStore
+from proxy.audit.writer import AuditWriter
+from proxy.errors import BadRequest, BodyTooLarge, NotFound, ProxyError, Unauthorized, error_response
+
+log = logging.getLogger("entropy_proxy.audit")
+
+MAX_FEEDBACK_BYTES = 64 * 1024
+MAX_NOTE_CHARS = 4096
+PENDING_WAIT_S = 2.0
+
+
+def _key_ok(presented: str, keys: list[str]) -> bool:
+    ok = False
+    for k in keys:  # compare against every key: the time taken does not say which one matched
+        ok |= hmac.compare_digest(presented.encode(), k.encode())
+    return ok
+
+
+def check_admin(request: Request, keys: list[str], *, allow_basic: bool = False) -> None:
+    if not keys:
+        return
+    auth = request.headers.get("authorization", "")
+    scheme, _, value = auth.partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer" and value and _key_ok(value, keys):
+        return
+    if allow_basic and scheme.lower() == "basic" and value:
+        try:
+            _, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            password = ""
+        if password and _key_ok(password, keys):
+            return
+    raise Unauthorized("an admin key is required: send Authorization: Bearer <admin key>")
+
+
+def parse_feedback(raw: bytes) -> dict[str, Any]:
+    """Validate a feedback body; raises :class:`BadRequest` naming the offending field."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    rid = body.get("id")
+    if not isinstance(rid, str) or not rid.strip():
+        raise BadRequest("'id' is required and must be a non-empty string", param="id")
+    if len(rid) > 255:
+        raise BadRequest("'id' is longer than 255 characters", param="id")
+    if "correct" not in body:
+        raise BadRequest("'correct' is required (true or false)", param="correct")
+    if not isinstance(body["correct"], bool):
+        raise BadRequest("'correct' must be a boolean", param="correct")
+    score = body.get("score")
+    if score is not None:
+        if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+            raise BadRequest("'score' must be a finite number or null", param="score")
+        score = float(score)
+    note = body.get("note")
+    if note is not None:
+        if not isinstance(note, str):
+            raise BadRequest("'note' must be a string or null", param="note")
+        if len(note) > MAX_NOTE_CHARS:
+            raise BadRequest(f"'note' is longer than {MAX_NOTE_CHARS} characters", param="note")
+    return {"id": rid, "correct": body["correct"], "score": score, "note": note}
+
+
+def _metrics(request: Request) -> Any:
+    return getattr(request.app.state, "metrics", None)
+
+
+async def _update_metrics(
+    request: Request, store: AuditStore, rows: list[dict[str, Any]], fb: dict[str, Any], window: int
+) -> None:
+    """Counters for the new label (``feedback`` also counts confident-wrong), then the calibration gauges."""
+    m = _metrics(request)
+    if m is None:
+        return
+    model = rows[0]["model"]
+    m.feedback(
+        model,
+        fb["correct"],
+        confident=any("confident" in r["flags"] for r in rows),
+        mean_entropy=rows[0]["mean_entropy"],
+        score=fb["score"],
+    )
+    pairs = await store.labelled(model=model, limit=window)
+    cal = calibration([q for q, _ in pairs], [1.0 if ok else 0.0 for _, ok in pairs])
+    for measure, value in (("ece", cal.ece), ("brier", cal.brier), ("auroc", cal.auroc)):
+        if value is not None:
+            m.set_calibration(model, measure, value)
+
+
+def make_router(writer: AuditWriter, admin_keys: list[str], window: int = 2000) -> APIRouter:
+    router = APIRouter()
+    store = writer.store
+
+    @router.post("/v1/feedback")
+    async def post_feedback(request: Request) -> Response:
+        try:
+            check_admin(request, admin_keys)
+            raw = await request.body()
+            if len(raw) > MAX_FEEDBACK_BYTES:
+                raise BodyTooLarge(f"feedback body over {MAX_FEEDBACK_BYTES} bytes")
+            fb = parse_feedback(raw)
+            rid = fb["id"]
+            try:
+                rows = await store.get(rid)
+                if not rows and (writer.promote(rid) or writer.is_pending(rid)):
+                    # The response is still on its way to the store: let the writer catch up.
+                    await writer.flush(PENDING_WAIT_S)
+                    rows = await store.get(rid)
+                if not rows:
+                    raise NotFound(f"no recorded response with id {rid!r}", param="id")
+                prev = await store.set_feedback(rid, fb["correct"], fb["score"], fb["note"])
+            except ProxyError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the store is down: say so, in the OpenAI shape
+                log.warning("feedback store failed: %s", type(e).__name__)
+                return error_response(_StoreUnavailable("the audit store is unavailable"))
+            if prev is None or bool(prev["correct"]) != fb["correct"]:
+                try:
+                    await _update_metrics(request, store, rows, fb, window)
+                except Exception:  # noqa: BLE001 - metrics never fail a stored label
+                    log.exception("feedback metrics failed")
+        except ProxyError as err:
+            return error_response(err)
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "feedback",
+                "correct": fb["correct"],
+                "score": fb["score"],
+                "note": fb["note"],
+                "replaced": prev is not None,
+                "choices": len(rows),
+            }
+        )
+
+    @router.get("/audit", response_class=HTMLResponse)
+    async def audit_page(request: Request) -> Response:
+        try:
+            check_admin(request, admin_keys, allow_basic=True)
+        except Unauthorized as err:
+            return error_response(err, headers={"WWW-Authenticate": 'Basic realm="entropy-proxy audit"'})
+        qp = request.query_params
+        flag = qp.get("flag") or None
+        label = qp.get("label") or None
+        try:
+            if flag is not None and flag not in FLAGS:
+                raise BadRequest(f"'flag' must be one of {', '.join(FLAGS)}", param="flag")
+            if label is not None and label not in LABEL_CHOICES:
+                raise BadRequest(f"'label' must be one of {', '.join(LABEL_CHOICES)}", param="label")
+            try:
+                limit = max(1, min(500, int(qp.get("limit", "50"))))
+            except ValueError:
+                raise BadRequest("'limit' must be an integer", param="limit") from None
+        except BadRequest as err:
+            return error_response(err)
+        filters = Filters(model=qp.get("model") or None, flag=flag, label=label, limit=limit)
+        try:
+            report = await build_report(store, filters, window=window)
+        except Exception as e:  # noqa: BLE001
+            log.warning("audit page: store failed: %s", type(e).__name__)
+            return error_response(_StoreUnavailable("the audit store is unavailable"))
+        return HTMLResponse(render_page(report))
+
+    return router
+
+
+class _StoreUnavailable(ProxyError):
+    status = 503
+    type = "api_error"
+    code = "audit_store_unavailable"

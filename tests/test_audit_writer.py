@@ -1,0 +1,202 @@
+"""The writer never blocks the request path: sampling, a dead or slow store, counted drops, flush on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from starlette.responses import JSONResponse
+
+from proxy.audit import install
+from proxy.audit.store import AuditStore
+from proxy.audit.writer import AuditWriter
+from proxy.observe import ObserverHub
+from proxy.settings import load_settings
+from tests.test_audit_store import make_obs
+
+
+class FakeMetrics:
+    def __init__(self) -> None:
+        self.calls: Counter[tuple[str, Any]] = Counter()
+
+    """Records calls with the signatures of proxy.metrics.Metrics."""
+
+    def audit_dropped(self, reason: str, n: int = 1) -> None:
+        self.calls[("audit_dropped", reason)] += n
+
+    def feedback(self, model: str, correct: bool, *, confident: bool = False, mean_entropy: float | None = None,
+                 score: float | None = None) -> None:
+        self.calls[("feedback", (model, correct))] += 1
+        if confident and not correct:
+            self.calls[("confident_wrong", model)] += 1
+
+    def set_calibration(self, model: str, measure: str, value: float) -> None:
+        self.calls[("calibration", (model, measure, round(value, 6)))] += 1
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/audit.db"
+
+
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """A TCP port that completes the handshake (backlog) but never answers: a hung database."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(64)
+    yield s.getsockname()[1]
+    s.close()
+
+
+async def test_sampling_rules(sqlite_url: str) -> None:
+    w = AuditWriter(AuditStore(sqlite_url), sample_rate=0.0)
+    await w.start()
+    try:
+        w.observe(make_obs("conf", flags=("confident",)))
+        w.observe(make_obs("unc", flags=("uncertain", "forking_heavy")))
+        w.observe(make_obs("plain", flags=("forking_heavy",)))
+        w.observe(make_obs("none", flags=()))
+        assert await w.flush(5)
+        assert {r["response_id"] for r in await w.store.recent()} == {"conf", "unc"}
+    finally:
+        await w.stop()
+
+
+async def test_sample_rate_share(sqlite_url: str) -> None:
+    w = AuditWriter(AuditStore(sqlite_url), sample_rate=0.25, rng=random.Random(7), queue_size=5000)
+    await w.start()
+    try:
+        for i in range(800):
+            w.observe(make_obs(f"p-{i}", flags=()))
+        assert await w.flush(20)
+        n = await w.store.count()
+    finally:
+        await w.stop()
+    assert 150 <= n <= 250  # 0.25 * 800 = 200, binomial sd ~12
+
+
+async def test_flush_on_shutdown(sqlite_url: str) -> None:
+    w = AuditWriter(AuditStore(sqlite_url), batch_size=50, flush_interval_s=5.0)
+    await w.start()
+    for i in range(500):
+        assert w.submit(make_obs(f"q-{i}"))
+    await w.stop()  # no flush() first: stop must write what is queued
+    s = AuditStore(sqlite_url)
+    await s.start()
+    assert await s.count() == 500
+    await s.close()
+    assert sum(w.dropped.values()) == 0 and w.written == 500
+
+
+async def _submit_timed(w: AuditWriter, n: int) -> float:
+    """Submit n observations; returns the worst single submit() time after checking the mean."""
+    observations = [make_obs(f"x-{i}") for i in range(n)]
+    times = []
+    for o in observations:
+        t0 = time.perf_counter()
+        w.submit(o)
+        times.append(time.perf_counter() - t0)
+    assert sum(times) / n < 50e-6, f"mean submit {sum(times) / n * 1e6:.1f} us"
+    return max(times)
+
+
+@pytest.mark.parametrize("kind", ["dead", "hung"])
+async def test_store_down_never_blocks_and_counts(kind: str, tmp_path: Path, blackhole: int) -> None:
+    url = (
+        f"postgresql://postgres:@/postgres?host={tmp_path}/no-server-here"
+        if kind == "dead"
+        else f"postgresql://postgres:pw@127.0.0.1:{blackhole}/postgres"
+    )
+    metrics = FakeMetrics()
+    w = AuditWriter(AuditStore(url, pool_timeout_s=0.3), queue_size=100, batch_size=20, write_timeout_s=0.3,
+                    shutdown_timeout_s=1.0, metrics=lambda: metrics)
+    t0 = time.perf_counter()
+    await w.start()  # the store does not answer: start-up logs it and goes on
+    assert time.perf_counter() - t0 < 2.0
+    assert not w.store_ok
+    worst = await _submit_timed(w, 1000)
+    assert worst < 0.05, f"submit took {worst * 1e3:.1f} ms"  # no I/O: a miss here is scheduling noise
+    assert w.dropped["queue_full"] >= 880
+    await asyncio.sleep(1.0)  # the writer tries, fails, drops by batch
+    assert w.dropped["store_error"] >= 20
+    await w.stop()
+    assert w.written == 0
+    total = sum(w.dropped.values())
+    assert total == 1000  # every record is accounted for: queue_full + store_error + shutdown
+    assert sum(v for (name, _), v in metrics.calls.items() if name == "audit_dropped") == 1000
+
+
+async def test_slow_store_never_blocks(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = AuditStore(sqlite_url)
+    real_insert = store.insert_batch
+    calls = 0
+
+    async def slow_insert(rows: list[dict[str, Any]]) -> None:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.3)
+        await real_insert(rows)
+
+    monkeypatch.setattr(store, "insert_batch", slow_insert)
+    w = AuditWriter(store, queue_size=50, batch_size=10)
+    await w.start()
+    worst = await _submit_timed(w, 200)
+    assert worst < 0.05
+    assert w.dropped["queue_full"] == 150
+    assert await w.flush(10)
+    await w.stop()
+    assert w.written == 50 and calls == 5
+
+
+async def test_proxy_keeps_answering_with_store_down(tmp_path: Path) -> None:
+    settings = load_settings(
+        {"upstream": "http://127.0.0.1:9", "audit.url": f"postgresql://postgres:@/postgres?host={tmp_path}/gone",
+         "audit.queue_size": 10},
+        environ={},
+    )
+    app = FastAPI()
+    app.state.metrics = FakeMetrics()
+    hub = ObserverHub()
+    cm = install(app, settings, hub, None)
+    assert cm is not None
+    counter = iter(range(10**6))
+
+    @app.post("/v1/chat/completions")
+    async def fake_chat() -> JSONResponse:  # stands in for the real service: annotate, observe, answer
+        rid = f"chatcmpl-{next(counter)}"
+        hub.observe(make_obs(rid, flags=("confident",)))
+        return JSONResponse({"id": rid}, headers={"X-Entropy-Request-Id": rid})
+
+    async with cm:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            t0 = time.perf_counter()
+            answers = [await client.post("/v1/chat/completions", json={}) for _ in range(50)]
+            elapsed = time.perf_counter() - t0
+            assert all(r.status_code == 200 for r in answers)
+            assert elapsed < 2.0
+            fb = await client.post("/v1/feedback", json={"id": "chatcmpl-0", "correct": False})
+            assert fb.status_code == 503  # the store is down: said so, in the OpenAI error shape
+            assert fb.json()["error"]["code"] == "audit_store_unavailable"
+    writer = app.state.audit_writer
+    assert writer.dropped["queue_full"] >= 40
+    assert sum(writer.dropped.values()) == 50
+
+
+def test_unsampled_memory_is_bounded(sqlite_url: str) -> None:
+    w = AuditWriter(AuditStore(sqlite_url), sample_rate=0.0, recent_size=10, recent_tokens=30)
+    for i in range(20):
+        w.observe(make_obs(f"u-{i}", flags=()))  # 7 tokens each: the token budget keeps 4
+    assert list(w._recent) == [f"u-{i}" for i in range(16, 20)]
+    assert w._recent_tok == 28
+    assert w.promote("u-19") and not w.promote("u-3")
+    assert w._recent_tok == 21
