@@ -9,9 +9,12 @@ Two paths:
   The worker publishes its readings as one dict per model (replaced whole), so readers never see a half update.
 
 Monitors are kept per *label* (an allow-listed model name or ``other``): their number is bounded by the config.
-Diagnosis (``state``), first that holds: ``recognition`` when the collapse score is >= 0.5 but diversity has not
-fallen (its component < 0.25) - entropy down, behaviour steady; ``collapse`` when the score is >= 0.5;
-``drift`` when PSI >= 0.25 (or JS >= 0.1); else ``healthy``.
+Diagnosis (``state``): :func:`monitors.recognition.diagnose` over the collapse components, drift and the
+recognition probe's ratio (when the probe runs). Without a probe ratio: ``collapse`` when the collapse score is
+>= 0.5 and diversity fell (or is not measured yet), ``recognition`` when the score is >= 0.5 but diversity has not
+fallen (its component < 0.25) - entropy down, behaviour steady; ``drift`` when PSI >= 0.25 (or JS >= 0.1); else
+``healthy``. With a probe ratio, entropy down and diversity steady reads ``recognition`` only when the ratio rose
+against its baseline (entropy fell on the model's own text only), else ``collapse``.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from monitors.collapse import COLLAPSE_THRESHOLD, CollapseMonitor, PerformanceFit
+from monitors.collapse import CollapseMonitor, PerformanceFit, combine
 from monitors.diversity import Diversity, prompt_key
 from monitors.drift import DriftMonitor, validate_drift_dict
 from monitors.forking import forking_stats
 from monitors.formats import FormatMix, classify_format
 from monitors.planning import PlanningClassifier, SemanticGramWindow, load_lexicon
 from monitors.quantile import RollingQuantile
+from monitors.recognition import Diagnosis, Evidence, diagnose
 
 from .observe import Observation
 from .settings import Settings, SettingsError
@@ -57,10 +61,12 @@ def _mean(xs: deque[float]) -> float | None:
 
 
 class ModelMonitors:
-    def __init__(self, window: int, baseline_tokens: int, planner: PlanningClassifier) -> None:
+    def __init__(
+        self, window: int, baseline_tokens: int, planner: PlanningClassifier, collapse_reference: int = 400
+    ) -> None:
         self.quantile = RollingQuantile()
         self.drift = DriftMonitor(window=window, baseline_tokens=baseline_tokens)
-        self.collapse = CollapseMonitor()
+        self.collapse = CollapseMonitor(min_reference=collapse_reference)
         self.diversity = Diversity(window=window)
         self.formats = FormatMix(window=window)
         self.grams = SemanticGramWindow(window=window)
@@ -72,6 +78,9 @@ class ModelMonitors:
         self.responses = 0
         self.tokens = 0
         self.text: dict[str, Any] = {}  # published by the worker
+        # Set by the recognition probe (proxy.probe): the window ratio H_off / H_on and its rise over the baseline.
+        self.recognition_ratio: float | None = None
+        self.recognition_rise: float | None = None
 
     def observe(self, h: np.ndarray, threshold: float) -> None:
         self.responses += 1
@@ -123,16 +132,21 @@ class ModelMonitors:
     def collapse_score(self) -> float:
         return self.collapse.score(self.text.get("comparable", {}))
 
-    def state(self) -> str:
+    # -- diagnosis (rule and evidence: monitors.recognition.diagnose) ------------------------------------------------
+    def evidence(self) -> Evidence:
         comps = self.collapse_components()
-        score = self.collapse.score(self.text.get("comparable", {}))
-        if score >= COLLAPSE_THRESHOLD:
-            div = comps.get("diversity")
-            return "recognition" if div is not None and div < 0.25 else "collapse"
         d = self.drift.drift()
-        if (d["psi"] or 0.0) >= PSI_ALERT or (d["js"] or 0.0) >= JS_ALERT:
-            return "drift"
-        return "healthy"
+        return Evidence(
+            collapse_score=combine(comps), entropy_fall=comps.get("entropy"), forking_fall=comps.get("forking"),
+            diversity_fall=comps.get("diversity"), psi=d["psi"], js=d["js"],
+            recognition_ratio=self.recognition_ratio, recognition_rise=self.recognition_rise,
+        )
+
+    def diagnosis(self) -> Diagnosis:
+        return diagnose(self.evidence())
+
+    def state(self) -> str:
+        return self.diagnosis().state
 
 
 class Monitoring:
@@ -146,6 +160,8 @@ class Monitoring:
             raise SettingsError(f"monitors.strategic_grams_file: {e}") from None
         self.models: dict[str, ModelMonitors] = {}
         self.recognition: dict[str, float] = {}
+        # Extra top-level sections of status(), e.g. "probe" (name -> callable returning JSON-able data).
+        self.status_sections: dict[str, Callable[[], Any]] = {}
         self.token_class_sinks: list[TokenClassSink] = []
         self._q: queue.Queue[tuple[str, str, Any, str | None, list[str], np.ndarray]] = queue.Queue(QUEUE_SIZE)
         self.dropped = 0
@@ -164,9 +180,8 @@ class Monitoring:
     def _get(self, label: str) -> ModelMonitors:
         mm = self.models.get(label)
         if mm is None:
-            mm = self.models[label] = ModelMonitors(
-                self.settings.monitors.window, self.settings.monitors.baseline, self.planner
-            )
+            m = self.settings.monitors
+            mm = self.models[label] = ModelMonitors(m.window, m.baseline, self.planner, m.collapse_reference)
         return mm
 
     # -- the request path ------------------------------------------------------------------------------------------
@@ -240,15 +255,23 @@ class Monitoring:
         self._get(self.label(model)).fit.add(mean_entropy, score)
 
     def set_recognition_ratio(self, model: str, value: float) -> None:
-        self.recognition[self.label(model)] = value
+        label = self.label(model)
+        self.recognition[label] = value
+        self._get(label).recognition_ratio = value
+
+    def set_recognition_rise(self, model: str, rise: float | None) -> None:
+        """The probe's window ratio over its baseline ratio (None until both exist); feeds the diagnosis."""
+        self._get(self.label(model)).recognition_rise = rise
 
     # -- readings --------------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         models: dict[str, Any] = {}
         for label, mm in list(self.models.items()):
             fit = mm.fit.fit()
+            diag = mm.diagnosis()
             models[label] = {
-                "state": mm.state(),
+                "state": diag.state,
+                "diagnosis": list(diag.reasons),
                 "responses": mm.responses,
                 "tokens": mm.tokens,
                 "forking_threshold": round(self.current_forking_threshold(label), 4),
@@ -265,14 +288,18 @@ class Monitoring:
                 },
                 "diversity": {k: v for k, v in mm.text.items() if k != "comparable"},
                 "recognition_ratio": self.recognition.get(label),
+                "recognition_rise": mm.recognition_rise,
                 "performance_law": None if fit is None else {
                     "a": fit.a, "b": fit.b, "ceiling": fit.ceiling, "points": fit.n, "r2": fit.r2,
                 },
             }
-        return {
+        out: dict[str, Any] = {
             "models": models,
             "worker": {"queued": self._q.qsize(), "dropped": self.dropped, "processed": self.processed},
         }
+        for name, section in list(self.status_sections.items()):
+            out[name] = section()
+        return out
 
     def baseline_snapshot(self) -> dict[str, Any]:
         return {

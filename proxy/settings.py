@@ -61,6 +61,7 @@ class AuditSettings(_Section):
 class MonitorSettings(_Section):
     window: int = Field(2_000, ge=10, description="responses in the sliding window")
     baseline: int = Field(20_000, ge=100, description="tokens that make the start-up baseline")
+    collapse_reference: int = Field(400, ge=10, description="responses that make the collapse detector's reference")
     baseline_file: str | None = None
     strategic_grams_file: str | None = None
 

@@ -38,7 +38,8 @@ def test_chat_positions_from_recorded_k20():
 
 def test_fallback_and_null_positions_are_skipped_and_counted():
     content = [
-        {"token": "a", "logprob": -0.1, "top_logprobs": [{"token": "a", "logprob": -0.1}, {"token": "b", "logprob": -3}]},
+        {"token": "a", "logprob": -0.1,
+         "top_logprobs": [{"token": "a", "logprob": -0.1}, {"token": "b", "logprob": -3}]},
         {"token": "x", "logprob": -9999.0, "top_logprobs": []},  # vLLM's fallback entry
         {"token": "y"},  # streaming fallback: no keys
         {"token": "z", "logprob": None, "top_logprobs": [{"token": "z", "logprob": None}]},  # NaN as null
