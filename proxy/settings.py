@@ -128,10 +128,14 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``ENTROPY_PROXY_<KEY>`` variables for known top-level keys; the prefix is shared with tools and tests
+    (``ENTROPY_PROXY_VLLM_PYTHON``, ...), so other names are not settings. Nested keys are still checked."""
     out: dict[str, Any] = {}
     for key, value in environ.items():
-        if key.startswith(ENV_PREFIX) and key != ENV_PREFIX + "CONFIG":
-            _set_nested(out, key[len(ENV_PREFIX) :].lower().split("__"), value)
+        if key.startswith(ENV_PREFIX):
+            path = key[len(ENV_PREFIX) :].lower().split("__")
+            if path[0] in Settings.model_fields:
+                _set_nested(out, path, value)
     return out
 
 
