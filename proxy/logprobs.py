@@ -66,7 +66,35 @@ def _pack(
     )
 
 
+def _chat_fast(content: list[Any]) -> Positions | None:
+    """The common case in one pass of comprehensions: every position well-formed, every row the same width.
+    Returns None for anything else (the careful loop below handles it)."""
+    try:
+        tops = [p["top_logprobs"] for p in content]
+        arr = np.array([[e["logprob"] for e in t] for t in tops], dtype=np.float64)
+        sampled = np.array([p["logprob"] for p in content], dtype=np.float64)
+        tokens = [p["token"] for p in content]
+        cols = [0 if t and t[0]["token"] == tok else -1 for t, tok in zip(tops, tokens, strict=True)]
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    if arr.ndim != 2 or arr.shape[1] == 0 or np.isnan(arr).any() or np.isnan(sampled).any() or -1 in cols:
+        return None
+    if not all(isinstance(t, str) for t in tokens):
+        return None
+    alts = [[(e["token"], e["logprob"]) for e in t[:N_ALTERNATIVES]] for t in tops]
+    impossible = int(np.count_nonzero(arr.max(axis=1) > 1e-6))
+    return Positions(arr, sampled, np.zeros(len(tokens), dtype=np.int64), None, tokens, alts, 0, impossible)
+
+
 def chat_positions(content: list[Any] | None) -> Positions:
+    if content:
+        fast = _chat_fast(content)
+        if fast is not None:
+            return fast
+    return _chat_careful(content)
+
+
+def _chat_careful(content: list[Any] | None) -> Positions:
     rows: list[list[float]] = []
     sampled: list[float] = []
     cols: list[int] = []

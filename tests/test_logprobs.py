@@ -8,7 +8,15 @@ import numpy as np
 import orjson
 import pytest
 
-from proxy.logprobs import chat_positions, completion_positions, echo_prompt_positions, trim_chat, trim_completion
+from proxy.logprobs import (
+    _chat_careful,
+    _chat_fast,
+    chat_positions,
+    completion_positions,
+    echo_prompt_positions,
+    trim_chat,
+    trim_completion,
+)
 
 FIX = Path(__file__).parent / "fixtures" / "vllm"
 
@@ -129,3 +137,16 @@ def test_logprob_values_round_trip_byte_identical(name):
     for s in numbers:
         assert orjson.dumps(float(s)) == s
     assert orjson.loads(orjson.dumps(orjson.loads(raw))) == orjson.loads(raw)
+
+
+@pytest.mark.parametrize("name", ["chat_k20.json", "chat_k20_long.json", "chat_n2_k5.json"])
+def test_fast_and_careful_chat_readers_agree(name):
+    for choice in load(name)["choices"]:
+        content = choice["logprobs"]["content"]
+        fast, careful = _chat_fast(content), _chat_careful(content)
+        assert fast is not None
+        np.testing.assert_array_equal(fast.logprobs, careful.logprobs)
+        np.testing.assert_array_equal(fast.sampled, careful.sampled)
+        np.testing.assert_array_equal(fast.sampled_col, careful.sampled_col)
+        assert (fast.tokens, fast.alternatives, fast.skipped, fast.impossible) == (
+            careful.tokens, careful.alternatives, careful.skipped, careful.impossible)
