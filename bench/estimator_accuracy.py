@@ -9,7 +9,10 @@ with ``top_logprobs`` K and, per generated position, the exact entropy from the 
 evaluated at its native K and, for K=20 responses, also truncated to K=5 exactly as vLLM would have sent it
 (the sampled token first, then the other entries in rank order, K entries in all). Printed per K: positions,
 median and p90 absolute error (nats) of the point estimate, the naive renormalised top-K entropy, the lower and
-upper bounds, the share of positions whose exact value lies within the bounds, and the estimator's throughput.
+upper bounds, the share of positions whose exact value lies within the bounds, and the estimator's throughput:
+whole responses per call, and one position per call (a streamed token: vLLM sends one per chunk), the latter
+both through ``estimate_positions`` (its scalar path for a few rows) and forced through the vectorised path that
+served every call before the scalar one existed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from monitors import entropy as _entropy
 from monitors.entropy import ESTIMATOR_NAME, estimate_positions, renormalised_entropy
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "exact"
@@ -91,13 +95,16 @@ def evaluate(cases: list[Case]) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def throughput(cases: list[Case], seconds: float) -> tuple[float, float]:
-    """Positions/s estimating one whole response per call, and one position per call (streaming chunks)."""
-    def rate(calls: list[tuple[np.ndarray, np.ndarray, int]]) -> float:
+def throughput(cases: list[Case], seconds: float) -> tuple[float, float, float]:
+    """Positions/s: one whole response per call; one position per call; one position per call, vectorised."""
+    def rate(calls: list[tuple[np.ndarray, np.ndarray, int]], vectorised: bool = False) -> float:
         n_pos, t0, done = 0, time.perf_counter(), 0.0
         while done < seconds:
             for lp, col, v in calls:
-                estimate_positions(lp, v, sampled_col=col)
+                if vectorised:
+                    _entropy._estimate_vectorised(lp, v, col, None)
+                else:
+                    estimate_positions(lp, v, sampled_col=col)
                 n_pos += lp.shape[0]
             done = time.perf_counter() - t0
         return n_pos / done
@@ -105,7 +112,7 @@ def throughput(cases: list[Case], seconds: float) -> tuple[float, float]:
     whole = [(c.logprobs, c.sampled_col, c.vocab_size) for c in cases]
     single = [(c.logprobs[i : i + 1], c.sampled_col[i : i + 1], c.vocab_size)
               for c in cases for i in range(c.logprobs.shape[0])]
-    return rate(whole), rate(single)
+    return rate(whole), rate(single), rate(single, vectorised=True)
 
 
 def _fmt(err: np.ndarray) -> str:
@@ -122,17 +129,23 @@ def report(fixtures: Path = FIXTURES, seconds: float = 1.0) -> str:
         "(response / single) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    single_lines = []
     for k in KS:
         if not cases[k]:
             continue
         ev = evaluate(cases[k])
-        whole, single = throughput(cases[k], seconds)
+        whole, single, single_vec = throughput(cases[k], seconds)
         lines.append(
             f"| {k} | {ev['point'].size} | {_fmt(ev['point'])} | {_fmt(ev['renormalised'])} | "
             f"{_fmt(ev['lower'])} | {_fmt(ev['upper'])} | {100.0 * ev['covered'].mean():.1f}% | "
             f"{whole:,.0f} / {single:,.0f} |"
         )
+        single_lines.append(
+            f"K={k} {1e6 / single:.1f} us/call ({single:,.0f}/s), vectorised path {1e6 / single_vec:.1f} us/call "
+            f"({single_vec:,.0f}/s)"
+        )
     names = sorted({f"{c.name} (K={c.k})" for cs in cases.values() for c in cs})
+    lines += ["", "one position per call (streaming): " + "; ".join(single_lines)]
     lines += ["", "fixtures: " + ", ".join(names), "point bias (median signed error): " + ", ".join(
         f"K={k} {np.median(evaluate(cases[k])['point']):+.3f}" for k in KS if cases[k])]
     return "\n".join(lines)

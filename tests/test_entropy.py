@@ -277,3 +277,110 @@ def test_batch_equals_row_by_row(cases):
         one = estimate_positions(c.logprobs[j : j + 1], c.vocab_size, sampled_col=c.sampled_col[j : j + 1])
         for a, b in zip(_fields(whole), _fields(one), strict=True):
             assert a[j] == pytest.approx(b[0], rel=1e-12, abs=1e-12)
+
+
+# -- the scalar path for a few rows (one stream chunk) must give the vectorised path's numbers -----------------
+
+FIELDS = ("point", "lower", "upper", "tail_mass", "top1_prob", "margin", "n_known")
+
+
+def assert_same(small: PositionEstimates | None, vec: PositionEstimates) -> None:
+    assert small is not None
+    for f in FIELDS:
+        a, b = getattr(small, f), getattr(vec, f)
+        assert a.shape == b.shape and a.dtype == b.dtype, f
+        assert np.isfinite(a).all(), f
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9, err_msg=f)
+
+
+def both(lp, v, sampled_col=None, collapsed=None):
+    lp = np.asarray(lp, dtype=np.float64)
+    return ent._estimate_small(lp, v, sampled_col, collapsed), ent._estimate_vectorised(lp, v, sampled_col, collapsed)
+
+
+@pytest.mark.parametrize("k", [5, 20])
+def test_small_path_equals_vectorised_at_every_fixture_position(cases, k):
+    for c in cases[k]:
+        t = c.logprobs.shape[0]
+        for j in range(t):
+            row = c.logprobs[j : j + 1]
+            for col in (c.sampled_col[j : j + 1], np.array([-1]), None):
+                assert_same(*both(row, c.vocab_size, col))
+            assert_same(*both(row, c.vocab_size, c.sampled_col[j : j + 1], np.array([True])))
+            assert_same(*both(row, DEFAULT_VOCAB_SIZE, c.sampled_col[j : j + 1]))
+        # Multi-row chunks: each row of the small path equals the whole response's vectorised row.
+        whole = ent._estimate_vectorised(c.logprobs, c.vocab_size, c.sampled_col, None)
+        for j in range(0, t, 16):
+            part = ent._estimate_small(c.logprobs[j : j + 16], c.vocab_size, c.sampled_col[j : j + 16], None)
+            assert part is not None
+            for f in FIELDS:
+                np.testing.assert_allclose(getattr(part, f), getattr(whole, f)[j : j + 16], rtol=1e-9, atol=1e-9)
+
+
+NAN = math.nan
+EDGE_ROWS = {
+    "nan_padding": ([math.log(0.5), math.log(0.2), NAN, NAN], 0),
+    "neg_inf_sentinel": ([math.log(0.7), math.log(0.3), -9999.0, -9999.0], 0),
+    "sentinel_sampled": ([-9999.0, math.log(0.4), math.log(0.2)], 0),
+    "true_neg_inf": ([math.log(0.6), -math.inf, math.log(0.1)], 2),
+    "unknown_sampled": ([math.log(0.01), math.log(0.4), math.log(0.2), math.log(0.15)], -1),
+    "sampled_in_tail": ([math.log(0.01), math.log(0.4), math.log(0.2), math.log(0.15)], 0),
+    "sampled_tie": ([math.log(0.1), math.log(0.5), math.log(0.1)], 0),
+    "positive_logprobs": ([2.0, 1.0, -1.0], 0),
+    "huge_logit": ([800.0, -1.0, math.inf], 1),
+    "two_at_one": ([0.0, 0.0, NAN], 0),
+    "sum_over_one": ([math.log(0.6), math.log(0.6)], 1),
+    "all_nan": ([NAN, NAN, NAN], 0),
+    "single_entry": ([math.log(0.6)], 0),
+    "single_entry_unknown": ([math.log(0.6)], -1),
+    "all_known": ([math.log(0.5), math.log(0.25), math.log(0.25)], 1),
+    "underflow": ([-1e-3, -740.0, -745.5, -800.0], 0),
+    "column_out_of_range": ([math.log(0.5), math.log(0.3)], 7),
+    "sampled_padding": ([math.log(0.5), NAN], 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EDGE_ROWS))
+@pytest.mark.parametrize("collapsed", [False, True])
+@pytest.mark.parametrize("v", [2, 5, 1000, DEFAULT_VOCAB_SIZE])
+def test_small_path_edge_rows(name, collapsed, v):
+    row, col = EDGE_ROWS[name]
+    lp = np.array([row])
+    assert_same(*both(lp, v, np.array([col]), np.array([collapsed])))
+    if not collapsed:
+        assert_same(*both(lp, v, np.array([col])))
+    # All edge rows in one chunk, padded to one width: row by row as in the vectorised batch.
+    width = max(len(r) for r, _ in EDGE_ROWS.values())
+    batch = np.full((len(EDGE_ROWS), width), NAN)
+    for i, (r, _) in enumerate(EDGE_ROWS.values()):
+        batch[i, : len(r)] = r
+    cols = np.array([c for _, c in EDGE_ROWS.values()])
+    assert_same(*both(batch, v, cols, np.full(len(EDGE_ROWS), collapsed)))
+
+
+def test_small_path_all_nan_row_values():
+    small, _ = both(np.full((1, 3), NAN), 1000, np.array([0]))
+    assert small is not None
+    assert small.n_known[0] == 0 and small.lower[0] == 0.0 and small.upper[0] == pytest.approx(math.log(1000))
+    assert small.point[0] == pytest.approx(0.5 * math.log(1000)) and small.tail_mass[0] == 1.0
+
+
+def test_dispatch_by_row_count_and_width(monkeypatch):
+    calls: list[str] = []
+    small, vec = ent._estimate_small, ent._estimate_vectorised
+    monkeypatch.setattr(ent, "_estimate_small", lambda *a: calls.append("small") or small(*a))
+    monkeypatch.setattr(ent, "_estimate_vectorised", lambda *a: calls.append("vec") or vec(*a))
+    lp = np.log(np.full((ent._SMALL_MAX_ROWS + 1, 4), 0.2))
+    estimate_positions(lp[:1], 1000)
+    estimate_positions(lp[: ent._SMALL_MAX_ROWS], 1000)
+    assert calls == ["small", "small"]
+    calls.clear()
+    estimate_positions(lp, 1000)  # too many rows
+    estimate_positions(np.log(np.full((1, ent._TABLE_MAX_N + 1), 0.001)), 100_000)  # too wide for the table
+    estimate_positions(np.zeros((0, 4)), 1000)
+    assert calls == ["vec", "vec", "vec"]
+    calls.clear()
+    # Optional arrays of another shape: the vectorised path's own broadcasting (a scalar `collapsed`).
+    est = estimate_positions(lp[:2], 1000, collapsed=np.bool_(True))
+    assert calls == ["small", "vec"]
+    assert_same(ent._estimate_small(lp[:2], 1000, None, np.array([True, True])), est)

@@ -9,6 +9,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from monitors import entropy as ent
 from monitors.entropy import estimate_positions
 
 TOL = 1e-9  # float64 rounding in exp(log p) and in 1 - sum(p)
@@ -160,3 +161,58 @@ def test_fully_known_rows_are_exact(p, rnd, extra_vocab):
     est = estimate_positions(lp, p.size + extra_vocab, sampled_col=np.array([rnd.randrange(len(nz))]))
     for a in (est.point, est.lower, est.upper):
         assert math.isclose(a[0], h, rel_tol=1e-9, abs_tol=1e-9)
+
+
+# -- the scalar path (up to _SMALL_MAX_ROWS rows, one stream chunk) gives the vectorised path's numbers ---------
+
+FIELDS = ("point", "lower", "upper", "tail_mass", "top1_prob", "margin", "n_known")
+SPECIAL = st.sampled_from([math.nan, -9999.0, -1e4, -math.inf, math.inf, 0.0, -0.0, -1e-17, 1e-12, 800.0])
+ENTRY = (
+    SPECIAL
+    | st.floats(-40.0, 0.0)
+    | st.floats(-800.0, -700.0)  # exp underflows to subnormals and 0
+    | st.floats(-5.0, 5.0)  # logits mode
+    | st.sampled_from([math.log(0.5), math.log(0.25), math.log(0.125)])  # exact ties
+)
+VOCAB = st.sampled_from([1, 2, 3, 7, 50, 1000, 49152, 262_144]) | st.integers(1, 12)  # few tables to build
+
+
+def _same(lp: np.ndarray, v: int, cols: np.ndarray | None, coll: np.ndarray | None) -> None:
+    small = ent._estimate_small(lp, v, cols, coll)
+    vec = ent._estimate_vectorised(lp, v, cols, coll)
+    assert small is not None
+    for f in FIELDS:
+        a, b = getattr(small, f), getattr(vec, f)
+        assert a.shape == b.shape == (lp.shape[0],) and a.dtype == b.dtype
+        assert np.isfinite(a).all(), f
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9, err_msg=f)
+
+
+@settings(max_examples=250, deadline=None)
+@given(st.lists(topk_rows(), min_size=1, max_size=ent._SMALL_MAX_ROWS), st.sampled_from([0, 3000, 49152, 262_144]))
+def test_small_path_equals_vectorised_on_topk_rows(rows, vocab):
+    width = max(r.logprobs.size for r in rows)
+    lp = np.full((len(rows), width), np.nan)
+    for i, r in enumerate(rows):
+        lp[i, : r.logprobs.size] = r.logprobs
+    v = max(vocab, *(r.p.size for r in rows))  # mostly a few fixed sizes: each new V costs a table
+    _same(lp, v, np.array([r.sampled_col for r in rows]), np.array([r.collapsed for r in rows]))
+    _same(lp, v, None, None)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.integers(1, ent._SMALL_MAX_ROWS).flatmap(lambda t: st.tuples(
+        st.lists(st.lists(ENTRY, min_size=1, max_size=ent._TABLE_MAX_N), min_size=t, max_size=t),
+        st.lists(st.integers(-2, 30), min_size=t, max_size=t),
+        st.lists(st.booleans(), min_size=t, max_size=t) | st.none(),
+    )),
+    VOCAB,
+)
+def test_small_path_equals_vectorised_on_any_row(data, v):
+    rows, cols, coll = data
+    width = max(len(r) for r in rows)
+    lp = np.full((len(rows), width), np.nan)
+    for i, r in enumerate(rows):
+        lp[i, : len(r)] = r
+    _same(lp, v, np.array(cols), None if coll is None else np.array(coll))
