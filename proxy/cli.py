@@ -7,8 +7,11 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .settings import SettingsError, load_settings
+
+SHUTDOWN_DEADLINE_S = 30  # on SIGTERM/SIGINT, in-flight streams get this long to finish
 
 # Sub-commands provided by other modules: (module, attribute) of a function add_parser(subparsers).
 _SUBCOMMANDS = (("proxy.cli_audit", "add_parser"), ("proxy.cli_baseline", "add_parser"))
@@ -27,17 +30,22 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every upstream request at INFO: a per-request cost, and URLs have no place in the proxy's log.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-    )
-    return 0
+
+    class Server(uvicorn.Server):
+        """uvicorn, except that a SIGTERM/SIGINT handled gracefully (listener closed, in-flight requests finished
+        up to the deadline, the lifespan's shutdown run: audit queue flushed) ends with exit code 0; uvicorn
+        re-raises the signal after its shutdown, which orchestrators take for a crash."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    server = Server(uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+        access_log=False, timeout_graceful_shutdown=SHUTDOWN_DEADLINE_S,
+    ))
+    server.run()
+    return 0 if server.started else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -70,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own options (argparse REMAINDER cannot take leading options)
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
