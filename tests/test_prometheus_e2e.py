@@ -177,3 +177,20 @@ def test_collapse_alert_fires_and_every_query_returns_data(stack: dict[str, Any]
     print(f"\ncollapse timeline (compressed 60x) and traffic: {timeline}")
     assert not empty, "queries without data:\n" + "\n".join(empty)
     assert not traffic.errors[:5], traffic.errors[:5]
+
+    # What a user sees, drawn from this Prometheus while it still runs (docs/dashboard.png is a copy).
+    from dashboards.render import main_panels, prometheus_query_range, render
+
+    now, now_monotonic = time.time(), time.monotonic()
+
+    def wall(monotonic: float) -> float:
+        return now - (now_monotonic - monotonic)
+
+    markers = [(wall(switched), "low-entropy traffic"),
+               (wall(switched + firing_after), "collapse alert firing")]
+    png = ROOT / "test-artifacts" / "dashboard.png"
+    drawn = render(prometheus_query_range(prom.url), main_panels(dashboard), png, start=wall(start) - 5,
+                   end=now, step=1, rate_interval_value=RATE_INTERVAL, rewrite=compress_durations,
+                   markers=markers, subtitle="tests/test_prometheus_e2e.py: 2 replicas, replayed traffic; "
+                   "rule windows compressed 60x; times UTC")
+    assert all(drawn.values()), f"panels drawn without data: {drawn}"
