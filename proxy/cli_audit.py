@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from proxy.audit.page import FLAGS, LABEL_CHOICES
-from proxy.audit.report import Filters, build_report, one_line, text_report, write_reliability_png
+from proxy.audit.report import Filters, build_report, one_line, probe_text, text_report, write_reliability_png
 from proxy.audit.store import AuditStore, StoreError
 from proxy.settings import SettingsError, load_settings
 
@@ -35,7 +35,7 @@ def add_parser(subparsers: Any) -> None:
         sp.add_argument("--limit", type=int, default=50)
 
     filters(sub.add_parser("list", help="recorded responses, most recent first"))
-    show = sub.add_parser("show", help="one response: summary, per-token entropies, label")
+    show = sub.add_parser("show", help="one response: summary, per-token entropies, label, probe results")
     show.add_argument("id")
     rep = sub.add_parser("report", help="confident-but-wrong first, then calibration and a reliability PNG")
     filters(rep)
@@ -114,9 +114,20 @@ async def _show(store: AuditStore, rid: str) -> int:
     if not rows:
         print(f"entropy-proxy: no recorded response with id {rid!r}", file=sys.stderr)
         return 1
+    # The probe scores a response, not one of its choices: every choice shows the response's results.
+    probe = [_probe_jsonable(p) for p in (await store.probe_results_for([rid])).get(rid, [])]
     for r in rows:
-        print(json.dumps(_jsonable(r), indent=2, ensure_ascii=False))
+        print(json.dumps({**_jsonable(r), "probe": probe}, indent=2, ensure_ascii=False))
+    for p in probe:
+        print(f"recognition probe: {probe_text(p)}", file=sys.stderr)
     return 0
+
+
+def _probe_jsonable(p: dict[str, Any]) -> dict[str, Any]:
+    out = dict(p)
+    out.pop("pk", None)
+    out.pop("response_id", None)
+    return out
 
 
 async def _report(store: AuditStore, args: argparse.Namespace) -> int:

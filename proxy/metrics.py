@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -266,7 +267,6 @@ def install(
     Sets ``app.state.metrics`` (and ``app.state.monitoring``); returns the monitors' worker context manager when
     this call created them.
     """
-    from fastapi import APIRouter, Response
 
     cm = None
     mon = getattr(app.state, "monitoring", None)
@@ -279,7 +279,7 @@ def install(
     mon.token_class_sinks.append(metrics.observe_token_classes)
     router = APIRouter()
 
-    @router.get("/metrics")
+    @router.get("/metrics", response_class=Response, summary="Prometheus exposition")
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -12,6 +12,7 @@ import pytest
 from fastapi import FastAPI
 
 from proxy.audit import install
+from proxy.audit.routes import MAX_FEEDBACK_BYTES
 from proxy.audit.writer import AuditWriter
 from proxy.observe import ObserverHub
 from proxy.settings import load_settings
@@ -72,6 +73,11 @@ def _err(r: httpx.Response, status: int, param: str | None = None) -> dict[str, 
         ({"id": "r", "correct": True, "score": True}, "score"),
         ({"id": "r", "correct": True, "note": 7}, "note"),
         ({"id": "r", "correct": True, "note": "n" * 5000}, "note"),
+        ({"id": "r", "correct": True, "reference": 5}, "reference"),
+        ({"id": "r", "correct": True, "reference": ["a"]}, "reference"),
+        ({"id": "r", "correct": True, "reference": "  \n"}, "reference"),
+        ({"id": "r", "correct": True, "reference": "a" * (64 * 1024 + 1)}, "reference"),
+        ({"id": "r", "correct": True, "reference": "\u20ac" * 22_000}, "reference"),  # 22,000 chars, 66,000 bytes
     ],
 )
 async def test_feedback_validation(env: Any, body: dict[str, Any], param: str) -> None:
@@ -84,7 +90,7 @@ async def test_feedback_malformed_json_and_shapes(env: Any) -> None:
     _err(await client.post("/v1/feedback", content=b"{not json"), 400)
     _err(await client.post("/v1/feedback", json=[1, 2]), 400)
     _err(await client.post("/v1/feedback", content=b'{"id":"r","correct":true,"score":NaN}'), 400)
-    e = _err(await client.post("/v1/feedback", content=b"{" + b" " * 70_000 + b"}"), 413)
+    e = _err(await client.post("/v1/feedback", content=b"{" + b" " * (MAX_FEEDBACK_BYTES + 1) + b"}"), 413)
     assert e["code"] == "request_too_large"
 
 

@@ -238,3 +238,102 @@ async def test_store_text_governs_every_column(store_url: str, store_text: bool)
         assert leaked  # the scan can see text when text is stored ...
     else:
         assert leaked == []  # ... and finds none, in any table or column, when it is not
+
+
+# -- schema version 2: the recognition probe's results ---------------------------------------------------------------
+def probe_result(rid: str, *, ratio: float | None = 0.8, on: float = 2.0, created: float | None = None,
+                 aligned: bool = True, model: str = "smol") -> Any:
+    """A real :class:`proxy.probe.ProbeResult`, as the probe hands it to its sinks."""
+    from proxy.probe import ProbeResult
+
+    off = None if ratio is None else {"tokens": 9, "mean_entropy": on * ratio, "input_surprise": on * ratio + 0.9,
+                                      "source": "reference"}
+    check = {"aligned": aligned, "mean_abs_diff": 0.004 if aligned else None, "max_abs_diff": 0.1 if aligned else None,
+             "mean_diff": 0.001, "generated_tokens": 8, "rescored_tokens": 7}
+    return ProbeResult(request_id=rid, model=model, created=time.time() if created is None else created,
+                       on={"tokens": 7, "mean_entropy": on, "input_surprise": on + 0.1}, selfcheck=check, off=off,
+                       ratio=ratio)
+
+
+async def _v1_store(url: str) -> None:
+    """A store as version 1 of this code left it: responses, labels, schema_version = 1 and one labelled row.
+
+    The two v1 tables are unchanged in v2, so their current definitions are the v1 ones."""
+    from proxy.audit.store import feedback, responses
+
+    v1 = sa.MetaData()
+    tables = [t.to_metadata(v1) for t in (schema_version, responses, feedback)]
+    s = AuditStore(url)
+    s.engine = s._make_engine()
+    async with s.engine.begin() as conn:
+        await conn.run_sync(v1.create_all, tables=tables)
+        await conn.execute(schema_version.insert().values(version=1))
+    await s.insert_batch([record_from_observation(make_obs("v1-old"), store_text=False)])
+    await s.set_feedback("v1-old", False, None, "from v1")
+    await s.close()
+
+
+async def test_migration_from_a_v1_store(store_url: str) -> None:
+    from proxy.audit.store import probe_results
+
+    assert SCHEMA_VERSION == 2
+    await _v1_store(store_url)
+    s = AuditStore(store_url)
+    await s.start()
+    try:
+        assert s.engine is not None
+        async with s.engine.connect() as conn:
+            assert [v for (v,) in await conn.execute(sa.select(schema_version.c.version))] == [2]
+            names = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
+            indexes = await conn.run_sync(
+                lambda c: {i["name"] for i in sa.inspect(c).get_indexes(probe_results.name)})
+            columns = await conn.run_sync(lambda c: {x["name"] for x in sa.inspect(c).get_columns(probe_results.name)})
+        assert probe_results.name in names
+        assert {"ix_audit_probe_results_response", "ix_audit_probe_results_model_created"} <= indexes
+        assert {"ratio", "selfcheck_abs_diff", "on_input_surprise", "off_input_surprise"} <= columns
+        (old,) = await s.get("v1-old")  # v1 data survives, label and all
+        assert old["correct"] is False and old["note"] == "from v1"
+        from proxy.audit.writer import probe_record
+
+        await s.insert_batch([], [probe_record(probe_result("v1-old", ratio=0.5))])
+        (p,) = (await s.probe_results_for(["v1-old"]))["v1-old"]
+        assert p["ratio"] == 0.5 and p["source"] == "reference"
+    finally:
+        await s.close()
+    again = AuditStore(store_url)  # a second start on the migrated store runs nothing more
+    await again.start()
+    assert len((await again.probe_results_for(["v1-old"]))["v1-old"]) == 1
+    await again.close()
+
+
+async def test_probe_results_rows_summary_and_retention(store: AuditStore) -> None:
+    from proxy.audit.writer import probe_record
+
+    now = time.time()
+    await store.insert_batch(
+        [record_from_observation(make_obs(r), store_text=False) for r in ("p-1", "p-2")],
+        [
+            probe_record(probe_result("p-1", ratio=None, on=2.0, created=now - 2)),  # sampled: on-policy only
+            probe_record(probe_result("p-1", ratio=0.5, on=2.0, created=now - 1)),  # then a reference arrived
+            probe_record(probe_result("p-2", ratio=1.5, on=1.0, created=now, aligned=False)),
+            probe_record(probe_result("p-old", ratio=3.0, created=now - 40 * 86400, model="other")),
+        ],
+    )
+    got = await store.probe_results_for(["p-1", "p-2", "nothing"])
+    assert set(got) == {"p-1", "p-2"}
+    newest, first = got["p-1"]
+    assert (newest["ratio"], first["ratio"]) == (0.5, None)  # newest first
+    assert newest["off_mean_entropy"] == pytest.approx(1.0) and newest["on_input_surprise"] == pytest.approx(2.1)
+    assert first["source"] is None and first["off_mean_entropy"] is None
+    assert newest["selfcheck_aligned"] is True and newest["selfcheck_abs_diff"] == pytest.approx(0.004)
+    assert got["p-2"][0]["selfcheck_aligned"] is False and got["p-2"][0]["selfcheck_abs_diff"] is None
+    summary = {s["model"]: s for s in await store.probe_summary()}
+    smol = summary["smol"]
+    assert (smol["results"], smol["pairs"], smol["aligned"]) == (3, 2, 2)
+    # Ratio of means over the pairs: (1.0 + 1.5) / (2.0 + 1.0), not the mean of 0.5 and 1.5.
+    assert smol["ratio"] == pytest.approx(2.5 / 3.0)
+    assert smol["selfcheck_abs_diff"] == pytest.approx(0.004)
+    assert [s["model"] for s in await store.probe_summary(model="other")] == ["other"]
+    assert [p["response_id"] for p in await store.recent_probe_results(limit=2)] == ["p-2", "p-1"]
+    await store.purge(now - 30 * 86400)
+    assert "other" not in {s["model"] for s in await store.probe_summary()}  # retention covers probe results

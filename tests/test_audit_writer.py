@@ -141,11 +141,11 @@ async def test_slow_store_never_blocks(sqlite_url: str, monkeypatch: pytest.Monk
     real_insert = store.insert_batch
     calls = 0
 
-    async def slow_insert(rows: list[dict[str, Any]]) -> None:
+    async def slow_insert(rows: list[dict[str, Any]], probe_rows: Any = ()) -> None:
         nonlocal calls
         calls += 1
         await asyncio.sleep(0.3)
-        await real_insert(rows)
+        await real_insert(rows, probe_rows)
 
     monkeypatch.setattr(store, "insert_batch", slow_insert)
     w = AuditWriter(store, queue_size=50, batch_size=10)

@@ -3,6 +3,9 @@
 Measurements are printed and written to ``test-artifacts/probe-vllm.json``. The only hard limits are the issue's:
 re-scoring the model's own completions reproduces their generation-time entropy within 0.05 nats (mean absolute
 difference); the recognition ratio must exist and be finite - its value is a finding, not asserted.
+
+The reference answers reach the probe the way a client sends them: ``POST /v1/feedback`` with ``reference``;
+the results then sit in the audit trail (``audit_probe_results``) beside the responses they belong to.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -21,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from monitors.recognition import bootstrap_ratio_interval
 from proxy.app import create_app
+from proxy.audit.store import AuditStore
 from proxy.settings import load_settings
 from tests.plugins.servers import serve_in_thread
 
@@ -47,16 +52,20 @@ QA = [
 ]
 
 
-def _app(upstream: str, model: str, rate: float) -> FastAPI:
-    s = load_settings({"upstream": upstream, "models": [model], "audit.enabled": False,
-                       "probe.sample_rate": rate, "probe.concurrency": 1}, environ={})
-    app = create_app(s)
+def _app(upstream: str, model: str, rate: float, audit_url: str | None = None) -> FastAPI:
+    audit = {"audit.url": audit_url, "audit.sample_rate": 0.0} if audit_url else {"audit.enabled": False}
+    s = load_settings({"upstream": upstream, "models": [model], "probe.sample_rate": rate, "probe.concurrency": 1,
+                       **audit}, environ={})
+    return create_app(s)
 
-    @app.post("/test/reference")  # the feedback route's call, on the server's own event loop
-    async def reference(body: dict[str, str]) -> dict[str, bool]:
-        return {"queued": app.state.probe.submit_reference(body["id"], body["text"])}
 
-    return app
+async def _stored_probe_results(app: FastAPI, ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+    store = AuditStore(app.state.audit_writer.store.url)
+    await store.start()
+    try:
+        return await store.probe_results_for(ids)
+    finally:
+        await store.close()
 
 
 def _wait_idle(app: FastAPI, timeout: float = 300.0) -> None:
@@ -89,8 +98,8 @@ def _record(key: str, value: Any) -> None:
     ARTIFACT.write_text(json.dumps(data, indent=2))
 
 
-def test_selfcheck_and_recognition_ratio_on_the_real_model(vllm_server: str, vllm_model: str) -> None:
-    app = _app(vllm_server, vllm_model, 1.0)
+def test_selfcheck_and_recognition_ratio_on_the_real_model(vllm_server: str, vllm_model: str, tmp_path: Path) -> None:
+    app = _app(vllm_server, vllm_model, 1.0, audit_url=f"sqlite:///{tmp_path}/audit.db")
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=300.0) as c:
         ids = []
         for q, _ in QA:
@@ -98,11 +107,15 @@ def test_selfcheck_and_recognition_ratio_on_the_real_model(vllm_server: str, vll
             ids.append(r.headers["x-entropy-request-id"])
         _wait_idle(app)
         for rid, (_, ref) in zip(ids, QA, strict=True):
-            assert c.post("/test/reference", json={"id": rid, "text": ref}).json() == {"queued": True}
+            fb = c.post("/v1/feedback", json={"id": rid, "correct": True, "reference": ref})
+            assert fb.status_code == 200 and fb.json()["reference_queued"] is True, fb.text
         _wait_idle(app)
         probe = app.state.probe
         status = c.get("/v1/entropy/status").json()
         metrics = c.get("/metrics").text
+        page = c.get("/audit", params={"limit": len(QA)}).text
+    # Stopped: the audit writer flushed on shutdown. Each response has its on-policy result and its pair.
+    stored = anyio.run(_stored_probe_results, app, ids)
 
     results = [probe.results[rid] for rid in ids]
     assert probe.enabled and probe.counts["failed"] == 0, probe.status()
@@ -129,6 +142,11 @@ def test_selfcheck_and_recognition_ratio_on_the_real_model(vllm_server: str, vll
           f" surprise {statistics.fmean(s_on):.3f}; off-policy H {statistics.fmean(h_off):.3f} surprise "
           f"{statistics.fmean(s_off):.3f} nats; per pair {[round(r.ratio or 0, 3) for r in results]}")
     assert status["probe"]["models"][vllm_model]["pairs"] == len(QA)
+    for rid, r in zip(ids, results, strict=True):
+        assert [p["ratio"] for p in stored[rid]] == [r.ratio, None]
+        assert stored[rid][0]["selfcheck_abs_diff"] == r.selfcheck["mean_abs_diff"]
+    assert f'data-model="{vllm_model}" data-state="{status["models"][vllm_model]["state"]}"' in page
+    assert page.count('class="probe"') == 2 * len(QA)
     _record("selfcheck_and_ratio", {
         "model": vllm_model, "responses": len(QA), "aligned": len(aligned), "selfcheck_mean_abs_diff": mad,
         "selfcheck_per_response": aligned, "recognition_ratio": ratio, "ratio_interval_90": ci,

@@ -6,6 +6,11 @@ store and the background writer and, on shutdown, flushes the queue. The writer 
 ``app.state.audit_writer``. Metrics go through ``app.state.metrics`` when that exists (``feedback``, which also
 counts confident-wrong labels, ``audit_dropped`` and ``set_calibration``); ``registry`` is not used here: all
 metric families live in :mod:`proxy.metrics`.
+
+When the recognition probe is installed (``app.state.probe``, by :mod:`proxy.probe`, which is installed after this
+module), its results are recorded too: the lifespan adds :meth:`AuditWriter.submit_probe` to the probe's
+``result_sinks`` (the probe is looked up there, not at install time) and removes it on shutdown. ``POST
+/v1/feedback`` hands a ``reference`` answer to the probe the same way, looked up per request.
 """
 
 from __future__ import annotations
@@ -50,9 +55,14 @@ def install(
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[AuditWriter]:
         await writer.start()
+        sinks = getattr(getattr(app.state, "probe", None), "result_sinks", None)
+        if isinstance(sinks, list):
+            sinks.append(writer.submit_probe)
         try:
             yield writer
         finally:
+            if isinstance(sinks, list) and writer.submit_probe in sinks:
+                sinks.remove(writer.submit_probe)
             await writer.stop()
 
     return lifespan()

@@ -4,6 +4,10 @@ Confident-but-wrong responses come first. Every generated token is a ``<span cla
 shaded by its entropy (white at 0 nats, full red at ``SHADE_MAX`` nats and above); hovering shows the entropy, the
 sampled token's probability and the top alternatives (``title`` plus a CSS tooltip from ``data-tip``). Without
 ``store_text`` the token strings are not stored, so positions render as ``·`` with the same shading and numbers.
+
+The ``#state`` section shows each model's diagnosed entropy state (``healthy | recognition | collapse | drift``)
+with the evidence behind it, and the recognition probe's stored results per model; a response the probe re-scored
+carries its ratio and self-check (``.probe``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from monitors.calibration import ReliabilityBin
-from proxy.audit.report import Report, fmt, label_of, when
+from proxy.audit.report import Report, fmt, label_of, probe_text, when
 
 SHADE_MAX = 3.0  # nats at which the shading saturates
 MAX_TOKENS_SHOWN = 4000
@@ -38,6 +42,10 @@ table.cal td{padding:2px 12px 2px 0}.muted{color:#6b7280}
 .tok:hover::after{content:attr(data-tip);position:absolute;left:0;top:1.7em;z-index:10;white-space:pre;
  background:#1f2a44;color:#fff;font-size:11px;line-height:1.35;padding:4px 6px;border-radius:3px}
 .prompt{font-size:12px;color:#4b5563;white-space:pre-wrap;max-height:6em;overflow:auto;margin:4px 0}
+.state{display:inline-block;border-radius:3px;padding:0 6px;font-weight:600;color:#fff;background:#6b7280}
+.state-healthy{background:#15803d}.state-recognition{background:#1d4ed8}.state-collapse{background:#b91c1c}
+.state-drift{background:#b45309}.model-state{margin:4px 0 10px}.model-state ul{margin:2px 0 0 18px;padding:0}
+.probe{font-size:12px;color:#1e3a8a;margin-bottom:4px}
 .legend{display:inline-block;width:160px;height:10px;vertical-align:middle;
  background:linear-gradient(to right,rgba(220,38,38,0.03),rgba(220,38,38,0.85))}
 """
@@ -97,8 +105,46 @@ def render_response(r: dict[str, Any], css_class: str = "resp") -> str:
         f' · {when(r["created"])} UTC · {escape(r["model"])} · {escape(r["endpoint"])} · {flags}'
         f' · mean {fmt(r["mean_entropy"])} nats · confidence {fmt(r["confidence"])}'
         f' · <span class="label-{label}">{label}</span>{note}</div>'
-        f'{prompt}<div class="tokens">{render_tokens(r)}</div></div>'
+        f'{prompt}{_probe_lines(r.get("probe") or [])}<div class="tokens">{render_tokens(r)}</div></div>'
     )
+
+
+def _probe_lines(results: list[dict[str, Any]]) -> str:
+    return "".join(
+        f'<div class="probe" data-ratio="{"" if p.get("ratio") is None else p["ratio"]}" '
+        f'data-selfcheck="{"" if p.get("selfcheck_abs_diff") is None else p["selfcheck_abs_diff"]}">'
+        f"recognition probe ({when(p['created'])} UTC): {escape(probe_text(p))}</div>"
+        for p in results
+    )
+
+
+def render_states(report: Report) -> str:
+    """Each model's live state with its evidence, then the stored probe results per model."""
+    parts = []
+    for model, st in report.states.items():
+        state = str(st.get("state") or "unknown")
+        ratio, rise = st.get("recognition_ratio"), st.get("recognition_rise")
+        reasons = "".join(f"<li>{escape(str(x))}</li>" for x in st.get("diagnosis") or [])
+        parts.append(
+            f'<div class="model-state" data-model="{escape(model)}" data-state="{escape(state)}">'
+            f'<b>{escape(model)}</b> <span class="state state-{escape(state)}">{escape(state)}</span>'
+            f' <span class="muted">· recognition ratio {fmt(ratio)} · rise {fmt(rise)}</span>'
+            f"<ul>{reasons}</ul></div>"
+        )
+    if not parts:
+        parts.append('<p class="muted">No live state: the monitors are not running in this process, '
+                     "or have seen no traffic yet.</p>")
+    rows = "".join(
+        f"<tr><td>{escape(s['model'])}</td><td>{s['results']}</td><td>{s['pairs']}</td><td>{fmt(s['ratio'])}</td>"
+        f"<td>{fmt(s['selfcheck_abs_diff'], 4)}</td></tr>"
+        for s in report.probe_summary
+    )
+    if rows:
+        parts.append(
+            '<table class="cal probe-summary"><tr><th>model</th><th>probe results</th><th>pairs</th>'
+            "<th>ratio H<sub>off</sub>/H<sub>on</sub></th><th>self-check (nats)</th></tr>" + rows + "</table>"
+        )
+    return "".join(parts)
 
 
 def reliability_svg(bins: tuple[ReliabilityBin, ...], size: int = 260) -> str:
@@ -167,6 +213,7 @@ def render_page(report: Report) -> str:
 <section>{filters}<div class="muted">{report.total} responses recorded
 {escape(("· filtered by " + urlencode(active)) if active else "")} · token shading: 0
 <span class="legend"></span> {SHADE_MAX:g}+ nats (hover a token for details)</div></section>
+<section id="state"><h2>Entropy state per model</h2>{render_states(report)}</section>
 <section id="confident-wrong"><h2>Confident but wrong ({len(report.confident_wrong)})</h2>
 {wrong or '<p class="muted">No response flagged confident has been labelled incorrect.</p>'}</section>
 <section id="calibration"><h2>Calibration of confidence against feedback</h2>

@@ -3,6 +3,11 @@
 Confident-but-wrong responses (flagged ``confident``, labelled incorrect) come first, then calibration of the
 proxy's ``confidence`` against the labels (Brier, ECE over 10 equal-width bins, AUROC, saturation rate) and
 the reliability diagram. The math lives in :mod:`monitors.calibration`; this module only queries and formats.
+
+The recognition probe's stored results come with it: per model (count, pairs, the ratio of means
+sum(H_off)/sum(H_on), the mean self-check difference), and for each listed response its own results. ``GET /audit``
+also passes the live per-model state and its evidence from ``app.state.monitoring`` (``states``); the command
+line reads only the store, which does not hold the state.
 """
 
 from __future__ import annotations
@@ -32,10 +37,20 @@ class Report:
     calibration: Calibration
     models: list[str] = field(default_factory=list)
     total: int = 0
+    probe_summary: list[dict[str, Any]] = field(default_factory=list)  # per model, over the stored probe results
+    probe_recent: list[dict[str, Any]] = field(default_factory=list)  # the latest stored probe results
+    states: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> monitoring status (state, diagnosis)
 
 
-async def build_report(store: AuditStore, filters: Filters | None = None, window: int | None = None) -> Report:
-    """Query the store once for everything the report shows; ``window`` bounds the labelled responses used."""
+async def build_report(
+    store: AuditStore,
+    filters: Filters | None = None,
+    window: int | None = None,
+    states: dict[str, dict[str, Any]] | None = None,
+) -> Report:
+    """Query the store once for everything the report shows; ``window`` bounds the labelled responses used.
+
+    Each listed response gets ``probe``: its probe results, newest first (empty when it was not probed)."""
     f = filters or Filters()
     wrong: list[dict[str, Any]] = []
     if f.flag in (None, "", "confident") and f.label in (None, "", "incorrect"):
@@ -45,7 +60,17 @@ async def build_report(store: AuditStore, filters: Filters | None = None, window
     rest = [r for r in listed if (r["response_id"], r["choice_index"]) not in seen][: f.limit]
     pairs = await store.labelled(model=f.model, limit=window)
     cal = calibration([q for q, _ in pairs], [1.0 if ok else 0.0 for _, ok in pairs])
-    return Report(f, wrong, rest, cal, models=await store.models(), total=await store.count())
+    probed = await store.probe_results_for([r["response_id"] for r in wrong + rest])
+    for r in wrong + rest:
+        r["probe"] = probed.get(r["response_id"], [])
+    if states is not None and f.model:
+        states = {m: v for m, v in states.items() if m == f.model}
+    return Report(
+        f, wrong, rest, cal, models=await store.models(), total=await store.count(),
+        probe_summary=await store.probe_summary(model=f.model),
+        probe_recent=await store.recent_probe_results(model=f.model, limit=min(f.limit, 20)),
+        states=dict(states or {}),
+    )
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
@@ -67,6 +92,31 @@ def one_line(r: dict[str, Any]) -> str:
         f"{rid:<40} {when(r['created'])}  {r['model'][:28]:<28} {','.join(r['flags']) or '-':<24} "
         f"mean={fmt(r['mean_entropy'])} conf={fmt(r['confidence'])} {label_of(r)}"
     )
+
+
+def probe_text(p: dict[str, Any]) -> str:
+    """One probe result in words: the pair (if any) and the self-check."""
+    parts = []
+    if p.get("ratio") is not None:
+        parts.append(
+            f"ratio {fmt(p['ratio'])} (H_off {fmt(p['off_mean_entropy'])} / H_on {fmt(p['on_mean_entropy'])} nats,"
+            f" {p.get('source') or 'off-policy'})"
+        )
+    else:
+        parts.append(f"on-policy only, H_on {fmt(p.get('on_mean_entropy'))} nats")
+    if p.get("selfcheck_abs_diff") is not None:
+        parts.append(f"self-check {fmt(p['selfcheck_abs_diff'], 4)} nats")
+    else:
+        parts.append("self-check not aligned")
+    return ", ".join(parts)
+
+
+def probe_summary_lines(summary: list[dict[str, Any]]) -> list[str]:
+    return [
+        f"{s['model']}: {s['results']} results, {s['pairs']} pairs, ratio sum(H_off)/sum(H_on) {fmt(s['ratio'])}, "
+        f"self-check {fmt(s['selfcheck_abs_diff'], 4)} nats over {s['aligned']} aligned"
+        for s in summary
+    ]
 
 
 def calibration_lines(cal: Calibration) -> list[str]:
@@ -92,6 +142,14 @@ def text_report(report: Report) -> str:
     for b in report.calibration.bins:
         if b.count:
             out.append(f"  [{b.lo:.1f}, {b.hi:.1f}): {b.count:>5}  conf={fmt(b.confidence)}  acc={fmt(b.accuracy)}")
+    out += ["", "Recognition probe (stored results per model):"]
+    out += ["  " + line for line in probe_summary_lines(report.probe_summary)] or ["  none"]
+    if report.probe_recent:
+        out.append("Latest probe results:")
+        out += [f"  {p['response_id']:<40} {when(p['created'])}  {probe_text(p)}" for p in report.probe_recent]
+    for model, st in report.states.items():
+        out.append(f"state of {model}: {st.get('state')}")
+        out += [f"  - {reason}" for reason in st.get("diagnosis") or []]
     return "\n".join(out) + "\n"
 
 

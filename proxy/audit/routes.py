@@ -1,8 +1,13 @@
 """``POST /v1/feedback`` and ``GET /audit`` (CONTRACT §3, §7).
 
-Feedback body: ``{"id": str, "correct": bool, "score": float | null, "note": str | null}``; unknown fields are
-ignored. 200 with the stored label, 404 ``not_found`` for an id the audit trail does not know, 400 with the
-OpenAI error shape for anything malformed. Repeated feedback for an id replaces the earlier label.
+Feedback body: ``{"id": str, "correct": bool, "score": float | null, "note": str | null, "reference": str | null}``;
+unknown fields are ignored. 200 with the stored label, 404 ``not_found`` for an id the audit trail does not know,
+400 with the OpenAI error shape for anything malformed. Repeated feedback for an id replaces the earlier label.
+
+``reference`` is a correct answer written by someone else (at most ``MAX_REFERENCE_BYTES`` of UTF-8). It is not
+stored: it goes to the recognition probe (``app.state.probe.submit_reference``), which re-scores it as off-policy
+text in the background and records the result in the audit trail. The answer then says ``reference_queued``:
+false when the probe is off, does not know the response any more, or its queue is full.
 
 When ``admin_keys`` is set, both routes need ``Authorization: Bearer <admin key>`` (the page also accepts HTTP
 Basic with the key as password, so a browser can log in). Keys are compared with ``hmac.compare_digest``.
@@ -30,9 +35,26 @@ from proxy.errors import BadRequest, BodyTooLarge, NotFound, ProxyError, Unautho
 
 log = logging.getLogger("entropy_proxy.audit")
 
-MAX_FEEDBACK_BYTES = 64 * 1024
+MAX_REFERENCE_BYTES = 64 * 1024
+MAX_FEEDBACK_BYTES = 8 * MAX_REFERENCE_BYTES  # room for a reference written with JSON escapes
 MAX_NOTE_CHARS = 4096
 PENDING_WAIT_S = 2.0
+
+# Published at /openapi.json; the route reads and checks the body itself (parse_feedback).
+FEEDBACK_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object",
+    "required": ["id", "correct"],
+    "additionalProperties": True,
+    "properties": {
+        "id": {"type": "string", "minLength": 1, "maxLength": 255, "description": "the response's id"},
+        "correct": {"type": "boolean"},
+        "score": {"type": "number", "nullable": True},
+        "note": {"type": "string", "maxLength": MAX_NOTE_CHARS, "nullable": True},
+        "reference": {"type": "string", "minLength": 1, "nullable": True, "description":
+                      "a correct answer the model did not write, at most 64 KiB of UTF-8: the recognition probe "
+                      "re-scores it as off-policy text (not stored)"},
+    },
+}}}}}
 
 
 def _key_ok(presented: str, keys: list[str]) -> bool:
@@ -88,7 +110,27 @@ def parse_feedback(raw: bytes) -> dict[str, Any]:
             raise BadRequest("'note' must be a string or null", param="note")
         if len(note) > MAX_NOTE_CHARS:
             raise BadRequest(f"'note' is longer than {MAX_NOTE_CHARS} characters", param="note")
-    return {"id": rid, "correct": body["correct"], "score": score, "note": note}
+    reference = body.get("reference")
+    if reference is not None:
+        if not isinstance(reference, str):
+            raise BadRequest("'reference' must be a string or null", param="reference")
+        if not reference.strip():
+            raise BadRequest("'reference' must not be empty", param="reference")
+        if len(reference.encode("utf-8", "surrogatepass")) > MAX_REFERENCE_BYTES:
+            raise BadRequest(f"'reference' is longer than {MAX_REFERENCE_BYTES} bytes of UTF-8", param="reference")
+    return {"id": rid, "correct": body["correct"], "score": score, "note": note, "reference": reference}
+
+
+def _submit_reference(request: Request, rid: str, text: str) -> bool:
+    """Hand a reference answer to the recognition probe, if one is installed; True when it was queued."""
+    probe = getattr(request.app.state, "probe", None)
+    if probe is None:
+        return False
+    try:
+        return bool(probe.submit_reference(rid, text))
+    except Exception:  # noqa: BLE001 - the label is stored; the probe must not turn that into an error
+        log.exception("probe.submit_reference failed")
+        return False
 
 
 def _metrics(request: Request) -> Any:
@@ -121,7 +163,7 @@ def make_router(writer: AuditWriter, admin_keys: list[str], window: int = 2000) 
     router = APIRouter()
     store = writer.store
 
-    @router.post("/v1/feedback")
+    @router.post("/v1/feedback", openapi_extra=FEEDBACK_BODY, summary="Label an earlier response (CONTRACT §7)")
     async def post_feedback(request: Request) -> Response:
         try:
             check_admin(request, admin_keys)
@@ -131,8 +173,10 @@ def make_router(writer: AuditWriter, admin_keys: list[str], window: int = 2000) 
             fb = parse_feedback(raw)
             rid = fb["id"]
             try:
+                # Asked before the read: the writer may commit the row and forget it between the two.
+                was_pending = writer.is_pending(rid)
                 rows = await store.get(rid)
-                if not rows and (writer.promote(rid) or writer.is_pending(rid)):
+                if not rows and (was_pending or writer.promote(rid) or writer.is_pending(rid)):
                     # The response is still on its way to the store: let the writer catch up.
                     await writer.flush(PENDING_WAIT_S)
                     rows = await store.get(rid)
@@ -151,17 +195,18 @@ def make_router(writer: AuditWriter, admin_keys: list[str], window: int = 2000) 
                     log.exception("feedback metrics failed")
         except ProxyError as err:
             return error_response(err)
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": "feedback",
-                "correct": fb["correct"],
-                "score": fb["score"],
-                "note": fb["note"],
-                "replaced": prev is not None,
-                "choices": len(rows),
-            }
-        )
+        out = {
+            "id": rid,
+            "object": "feedback",
+            "correct": fb["correct"],
+            "score": fb["score"],
+            "note": fb["note"],
+            "replaced": prev is not None,
+            "choices": len(rows),
+        }
+        if fb["reference"] is not None:
+            out["reference_queued"] = _submit_reference(request, rid, fb["reference"])
+        return JSONResponse(out)
 
     @router.get("/audit", response_class=HTMLResponse)
     async def audit_page(request: Request) -> Response:
@@ -185,13 +230,26 @@ def make_router(writer: AuditWriter, admin_keys: list[str], window: int = 2000) 
             return error_response(err)
         filters = Filters(model=qp.get("model") or None, flag=flag, label=label, limit=limit)
         try:
-            report = await build_report(store, filters, window=window)
+            report = await build_report(store, filters, window=window, states=_states(request))
         except Exception as e:  # noqa: BLE001
             log.warning("audit page: store failed: %s", type(e).__name__)
             return error_response(_StoreUnavailable("the audit store is unavailable"))
         return HTMLResponse(render_page(report))
 
     return router
+
+
+def _states(request: Request) -> dict[str, dict[str, Any]] | None:
+    """Per model: the monitors' live ``state`` and ``diagnosis`` (``app.state.monitoring``), if installed."""
+    monitoring = getattr(request.app.state, "monitoring", None)
+    if monitoring is None:
+        return None
+    try:
+        models = monitoring.status().get("models")
+    except Exception:  # noqa: BLE001 - the page shows the store even when the monitors fail
+        log.exception("audit page: monitoring status failed")
+        return None
+    return {str(m): v for m, v in models.items() if isinstance(v, dict)} if isinstance(models, dict) else None
 
 
 class _StoreUnavailable(ProxyError):

@@ -2,8 +2,9 @@
 
 ``sqlite:///path.db`` runs on aiosqlite (WAL mode, so the page can read while the writer writes);
 ``postgresql://user:pw@host/db`` and the socket form ``postgresql://postgres:@/postgres?host=/dir`` run on asyncpg.
-The schema is created on start and migrated forward by the steps in ``MIGRATIONS`` (its version lives in the
-``schema_version`` table; on PostgreSQL an advisory lock keeps concurrently starting replicas from racing).
+A new store gets the whole schema on start; an older one is brought forward by the steps in ``MIGRATIONS`` (its
+version lives in the ``schema_version`` table; on PostgreSQL an advisory lock keeps concurrently starting replicas
+from racing). Version 2 added ``audit_probe_results``: the recognition probe's re-scoring of sampled responses.
 
 Rows hold numbers and, only when the writer was told to (``audit.store_text``), text. The store itself never sees
 request headers, so no ``Authorization`` value or API key can reach it.
@@ -12,7 +13,7 @@ request headers, so no ``Authorization`` value or API key can reach it.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _ADVISORY_LOCK = 0x656E7470  # "entp": serialises schema set-up across replicas on PostgreSQL
 
 metadata = sa.MetaData()
@@ -68,8 +69,47 @@ feedback = sa.Table(
 )
 sa.Index("ix_audit_feedback_correct_created", feedback.c.correct, feedback.c.created)
 
-# version -> statements that bring a store at version-1 up to it (each runs inside the set-up transaction).
-MIGRATIONS: dict[int, list[str]] = {}
+# The recognition probe's re-scoring of a response (proxy.probe): one row per result, so a response scored on its
+# own and later paired with a reference answer has two. Numbers only: no text, whatever audit.store_text says.
+probe_results = sa.Table(
+    "audit_probe_results",
+    metadata,
+    sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("response_id", sa.String(255), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),  # unix seconds, when the probe finished
+    sa.Column("model", sa.String(255), nullable=False),  # the probe's model label
+    sa.Column("source", sa.String(255)),  # the off-policy text: "reference" or "model:<name>"; NULL: on-policy only
+    sa.Column("on_tokens", sa.Integer),
+    sa.Column("on_mean_entropy", sa.Float),  # nats, the model's own completion re-scored
+    sa.Column("on_input_surprise", sa.Float),  # nats, mean -log p of its tokens
+    sa.Column("off_tokens", sa.Integer),
+    sa.Column("off_mean_entropy", sa.Float),
+    sa.Column("off_input_surprise", sa.Float),
+    sa.Column("ratio", sa.Float),  # H_off / H_on for this pair
+    sa.Column("selfcheck_aligned", sa.Boolean),
+    sa.Column("selfcheck_abs_diff", sa.Float),  # mean |re-scored - generation-time| per token, nats
+    sa.Column("selfcheck_max_abs_diff", sa.Float),
+    sa.Column("selfcheck_mean_diff", sa.Float),
+)
+sa.Index("ix_audit_probe_results_response", probe_results.c.response_id)
+sa.Index("ix_audit_probe_results_model_created", probe_results.c.model, probe_results.c.created)
+
+Step = str | Callable[[sa.Connection], None]
+
+
+def _create(*tables: sa.Table) -> Callable[[sa.Connection], None]:
+    def step(conn: sa.Connection) -> None:
+        for t in tables:
+            t.create(conn, checkfirst=True)  # with its indexes
+
+    return step
+
+
+# version -> steps that bring a store at version-1 up to it, run in order inside the set-up transaction: SQL text,
+# or a callable given the synchronous connection. A new store is created at SCHEMA_VERSION and runs none of them.
+MIGRATIONS: dict[int, list[Step]] = {
+    2: [_create(probe_results)],
+}
 
 JSON_COLUMNS = ("summary", "entropies", "token_probs", "alt_probs", "alt_tokens", "tokens", "prompt")
 LABELS = ("correct", "incorrect", "unlabelled")
@@ -92,6 +132,14 @@ def async_url(url: str) -> sa.engine.URL:
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+def _stored_version(conn: sa.Connection) -> int | None:
+    """The store's schema version; None for a new (or never completely set up) store."""
+    if not sa.inspect(conn).has_table(schema_version.name):
+        return None
+    v = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
+    return None if v is None else int(v)
 
 
 class AuditStore:
@@ -136,17 +184,19 @@ class AuditStore:
         async with self.engine.begin() as conn:
             if self.dialect == "postgresql":
                 await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK})
-            await conn.run_sync(metadata.create_all, checkfirst=True)
-            row = (await conn.execute(sa.select(schema_version.c.version))).first()
-            if row is None:
+            current = await conn.run_sync(_stored_version)
+            if current is None:
+                await conn.run_sync(metadata.create_all, checkfirst=True)
                 await conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
                 return
-            current = int(row[0])
             if current > SCHEMA_VERSION:
                 raise StoreError(f"audit.url: the store has schema version {current}, newer than {SCHEMA_VERSION}")
             for version in range(current + 1, SCHEMA_VERSION + 1):
-                for stmt in MIGRATIONS.get(version, []):
-                    await conn.execute(sa.text(stmt))
+                for step in MIGRATIONS.get(version, []):
+                    if isinstance(step, str):
+                        await conn.execute(sa.text(step))
+                    else:
+                        await conn.run_sync(step)
             if current != SCHEMA_VERSION:
                 await conn.execute(schema_version.update().values(version=SCHEMA_VERSION))
 
@@ -164,13 +214,19 @@ class AuditStore:
     def _insert(self, table: sa.Table) -> Any:
         return (pg_dialect.insert if self.dialect == "postgresql" else sqlite_dialect.insert)(table)
 
-    async def insert_batch(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Insert response rows; a row whose (response_id, choice_index) is already stored is skipped."""
-        if not rows:
+    async def insert_batch(
+        self, rows: Sequence[dict[str, Any]], probe_rows: Sequence[dict[str, Any]] = ()
+    ) -> None:
+        """Insert response rows (one whose (response_id, choice_index) is already stored is skipped) and probe
+        result rows, in one transaction."""
+        if not rows and not probe_rows:
             return
-        stmt = self._insert(responses).on_conflict_do_nothing(index_elements=["response_id", "choice_index"])
         async with self._conn().begin() as conn:
-            await conn.execute(stmt, list(rows))
+            if rows:
+                stmt = self._insert(responses).on_conflict_do_nothing(index_elements=["response_id", "choice_index"])
+                await conn.execute(stmt, list(rows))
+            if probe_rows:
+                await conn.execute(probe_results.insert(), list(probe_rows))
 
     async def set_feedback(
         self, response_id: str, correct: bool, score: float | None = None, note: str | None = None
@@ -188,10 +244,12 @@ class AuditStore:
         return dict(prev._mapping) if prev is not None else None
 
     async def purge(self, before: float) -> int:
-        """Delete responses recorded before ``before`` (unix seconds) and their labels; returns rows deleted."""
+        """Delete responses recorded before ``before`` (unix seconds), their labels and probe results older than
+        that; returns the responses deleted."""
         old_ids = sa.select(responses.c.response_id).where(responses.c.created < before)
         async with self._conn().begin() as conn:
             await conn.execute(sa.delete(feedback).where(feedback.c.response_id.in_(old_ids)))
+            await conn.execute(sa.delete(probe_results).where(probe_results.c.created < before))
             result = await conn.execute(sa.delete(responses).where(responses.c.created < before))
         return int(result.rowcount or 0)
 
@@ -289,6 +347,60 @@ class AuditStore:
     async def count(self) -> int:
         async with self._conn().connect() as conn:
             return int((await conn.execute(sa.select(sa.func.count()).select_from(responses))).scalar_one())
+
+    # -- probe results -----------------------------------------------------------------------------------------------
+    async def probe_results_for(self, response_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """The probe results of these responses, newest first per response."""
+        ids = list(dict.fromkeys(response_ids))
+        out: dict[str, list[dict[str, Any]]] = {}
+        if not ids:
+            return out
+        q = (
+            sa.select(probe_results)
+            .where(probe_results.c.response_id.in_(ids))
+            .order_by(probe_results.c.created.desc(), probe_results.c.pk.desc())
+        )
+        async with self._conn().connect() as conn:
+            for r in await conn.execute(q):
+                out.setdefault(r.response_id, []).append(dict(r._mapping))
+        return out
+
+    async def recent_probe_results(self, *, model: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        q = sa.select(probe_results).order_by(probe_results.c.created.desc(), probe_results.c.pk.desc()).limit(limit)
+        if model:
+            q = q.where(probe_results.c.model == model)
+        async with self._conn().connect() as conn:
+            return [dict(r._mapping) for r in await conn.execute(q)]
+
+    async def probe_summary(self, *, model: str | None = None) -> list[dict[str, Any]]:
+        """Per model over the stored results: how many, how many pairs, the ratio of means sum(H_off)/sum(H_on)
+        over the pairs (as the probe computes it over its window), and the mean self-check difference."""
+        p = probe_results.c
+        paired = p.ratio.is_not(None)
+        q = (
+            sa.select(
+                p.model,
+                sa.func.count().label("results"),
+                sa.func.count(p.ratio).label("pairs"),
+                sa.func.sum(sa.case((paired, p.on_mean_entropy))).label("on_sum"),
+                sa.func.sum(sa.case((paired, p.off_mean_entropy))).label("off_sum"),
+                sa.func.avg(p.selfcheck_abs_diff).label("selfcheck_abs_diff"),
+                sa.func.count(p.selfcheck_abs_diff).label("aligned"),
+                sa.func.max(p.created).label("last"),
+            )
+            .group_by(p.model)
+            .order_by(p.model)
+        )
+        if model:
+            q = q.where(p.model == model)
+        async with self._conn().connect() as conn:
+            rows = [dict(r._mapping) for r in await conn.execute(q)]
+        for r in rows:
+            on, off = r.pop("on_sum"), r.pop("off_sum")
+            r["ratio"] = float(off) / float(on) if on and off is not None and on > 0 else None
+            if r["selfcheck_abs_diff"] is not None:
+                r["selfcheck_abs_diff"] = float(r["selfcheck_abs_diff"])
+        return rows
 
     async def iter_all(self, batch: int = 500) -> AsyncIterator[dict[str, Any]]:
         """Every stored response with its label, oldest first (for export)."""

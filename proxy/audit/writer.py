@@ -10,6 +10,10 @@ the metrics module is installed. On shutdown the queue is flushed, within ``shut
 Choices that were not sampled are remembered in a small LRU so that feedback for one of them can still record it
 (otherwise every label for an unflagged response would be a 404 and calibration would see only flagged ones).
 
+Recognition probe results (:meth:`AuditWriter.submit_probe`, a sink on ``app.state.probe.result_sinks``) go
+through the same queue and batches as ``audit_probe_results`` rows; the response they belong to is recorded with
+them even if it was not sampled, as feedback does.
+
 Text (prompt, completion, token strings, alternative token strings) is written only when ``store_text`` is on:
 the tokens of a completion are its text. Observations carry no request headers, so no ``Authorization`` value
 or API key can reach a row.
@@ -25,6 +29,7 @@ import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -99,6 +104,44 @@ def record_from_observation(obs: Observation, *, store_text: bool) -> dict[str, 
     }
 
 
+def _int_or_none(x: Any) -> int | None:
+    return int(x) if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def probe_record(result: Any) -> dict[str, Any]:
+    """The ``audit_probe_results`` row for one :class:`proxy.probe.ProbeResult` (read by attribute, numbers only)."""
+    on: dict[str, Any] = result.on or {}
+    off: dict[str, Any] = result.off or {}
+    check: dict[str, Any] = result.selfcheck or {}
+    source = off.get("source") if result.off is not None else None
+    aligned = check.get("aligned")
+    return {
+        "response_id": str(result.request_id)[:255],
+        "created": float(result.created),
+        "model": str(result.model)[:255],
+        "source": str(source)[:255] if source is not None else None,
+        "on_tokens": _int_or_none(on.get("tokens")),
+        "on_mean_entropy": _finite_or_none(on.get("mean_entropy")),
+        "on_input_surprise": _finite_or_none(on.get("input_surprise")),
+        "off_tokens": _int_or_none(off.get("tokens")),
+        "off_mean_entropy": _finite_or_none(off.get("mean_entropy")),
+        "off_input_surprise": _finite_or_none(off.get("input_surprise")),
+        "ratio": _finite_or_none(result.ratio),
+        "selfcheck_aligned": bool(aligned) if aligned is not None else None,
+        "selfcheck_abs_diff": _finite_or_none(check.get("mean_abs_diff")),
+        "selfcheck_max_abs_diff": _finite_or_none(check.get("max_abs_diff")),
+        "selfcheck_mean_diff": _finite_or_none(check.get("mean_diff")),
+    }
+
+
+@dataclass(slots=True, frozen=True)
+class _ProbeRow:
+    """A probe result in the queue, already turned into its row (cheap: a dozen numbers)."""
+
+    request_id: str
+    row: dict[str, Any]
+
+
 class AuditWriter:
     def __init__(
         self,
@@ -132,7 +175,7 @@ class AuditWriter:
         self.start_timeout_s = start_timeout_s
         self._metrics = metrics or (lambda: None)
         self._rng = rng or random.Random()
-        self._queue: deque[Observation] = deque()
+        self._queue: deque[Observation | _ProbeRow] = deque()
         self._pending: Counter[str] = Counter()  # response ids in the queue or in the batch being written
         self._recent: OrderedDict[str, list[Observation]] = OrderedDict()
         self._recent_size = recent_size
@@ -169,12 +212,28 @@ class AuditWriter:
 
     def submit(self, obs: Observation) -> bool:
         """Queue one observation for writing; False (and counted) when dropped. Never blocks, never raises."""
+        return self._enqueue(obs)
+
+    def submit_probe(self, result: Any) -> bool:
+        """Queue one recognition-probe result, and the response it belongs to if that was remembered but not
+        sampled; False (and counted) when dropped. Never blocks, never raises (it runs as a probe result sink)."""
+        try:
+            item = _ProbeRow(str(result.request_id), probe_record(result))
+        except Exception:  # noqa: BLE001 - a malformed result must not reach the probe's worker
+            log.exception("probe result for the audit trail could not be encoded")
+            self._drop("encode_error")
+            return False
+        self.promote(item.request_id)
+        return self._enqueue(item)
+
+    def _enqueue(self, item: Observation | _ProbeRow) -> bool:
         if self._closing or len(self._queue) >= self.queue_size:
             self._drop("shutdown" if self._closing else "queue_full")
             return False
-        self._queue.append(obs)
+        self._queue.append(item)
         self._submitted += 1
-        self._pending[obs.request_id] += 1
+        if not isinstance(item, _ProbeRow):
+            self._pending[item.request_id] += 1
         self._notify()
         return True
 
@@ -274,6 +333,8 @@ class AuditWriter:
                 ok = await self._write(batch)
             finally:
                 for o in batch:
+                    if isinstance(o, _ProbeRow):
+                        continue
                     self._pending[o.request_id] -= 1
                     if self._pending[o.request_id] <= 0:
                         del self._pending[o.request_id]
@@ -286,9 +347,10 @@ class AuditWriter:
                 backoff = min(5.0, backoff * 2 or 0.1)
                 await asyncio.sleep(backoff)
 
-    async def _write(self, batch: list[Observation]) -> bool:
+    async def _write(self, batch: list[Observation | _ProbeRow]) -> bool:
         rows: list[dict[str, Any]] = []
-        for i, o in enumerate(batch):
+        probe_rows = [o.row for o in batch if isinstance(o, _ProbeRow)]
+        for i, o in enumerate(o for o in batch if not isinstance(o, _ProbeRow)):
             if i and i % 16 == 0:
                 await asyncio.sleep(0)  # encoding is CPU work on the proxy's loop: let requests through
             try:
@@ -299,12 +361,13 @@ class AuditWriter:
         try:
             if not await self._ensure_store():
                 raise ConnectionError("store not started")
-            await asyncio.wait_for(self.store.insert_batch(rows), self.write_timeout_s)
+            await asyncio.wait_for(self.store.insert_batch(rows, probe_rows), self.write_timeout_s)
         except Exception as e:  # noqa: BLE001
-            log.warning("audit store write failed (%s); %d records dropped", type(e).__name__, len(rows))
-            self._drop("store_error", len(rows))
+            n = len(rows) + len(probe_rows)
+            log.warning("audit store write failed (%s); %d records dropped", type(e).__name__, n)
+            self._drop("store_error", n)
             return False
-        self.written += len(rows)
+        self.written += len(rows) + len(probe_rows)
         return True
 
     async def _retention(self) -> None:
