@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from monitors.entropy import ESTIMATOR_NAME, estimate_positions
 
+from monitors.entropy import ESTIMATOR_NAME, estimate_positions
 from monitors.summary import SummaryThresholds, per_token_list, summarize
 
 from .logprobs import (
@@ -136,6 +136,12 @@ class ResponseAnnotator:
                 continue
             st = self.states.setdefault(idx, ChoiceState())
             pos = _positions(self.ask, choice, self.k_sent)
+            if pos.impossible:  # logits, not logprobs: no entropy can be read from them
+                st.impossible += pos.impossible
+                self.missing += 1
+                choice["entropy"] = None
+                _trim(self.ask, choice, self.k_sent)
+                continue
             st.add(pos, self.a.estimate(pos))
             st.text.append(_text(self.ask, choice, delta=False))
             _trim(self.ask, choice, self.k_sent)
@@ -159,7 +165,9 @@ class ResponseAnnotator:
             if _has_logprobs(self.ask, choice):
                 st.seen_logprobs = True
                 pos = _positions(self.ask, choice, self.k_sent, echo_skip=self._echo_skip(st, choice))
-                if pos.count or pos.skipped:
+                if pos.impossible:
+                    st.impossible += pos.impossible
+                elif pos.count or pos.skipped:
                     est = self.a.estimate(pos)
                     st.add(pos, est)
                     choice["entropy"] = {"per_token": per_token_list(est[0])}
@@ -190,8 +198,8 @@ class ResponseAnnotator:
     def _finish(
         self, idx: int, st: ChoiceState, finish: Any, per_token: bool, streamed: bool
     ) -> dict[str, Any] | None:
-        if streamed and not st.seen_logprobs:
-            self.missing += 1
+        if (streamed and not st.seen_logprobs) or st.impossible:
+            self.missing += 1  # counted in entropy_proxy_logprobs_missing_total; the choice gets "entropy": null
             return None
         point, lower, upper, tail, sampled = st.arrays()
         summary = summarize(

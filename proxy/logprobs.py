@@ -20,6 +20,7 @@ import numpy as np
 
 NAN = math.nan
 N_ALTERNATIVES = 5  # alternatives kept per token for observers (audit page hover)
+IMPOSSIBLE_MASS_EPS = 1e-3  # float32 rounding of 20 probabilities stays far below this (recorded vLLM: 3e-6)
 
 
 @dataclass(slots=True)
@@ -53,7 +54,12 @@ def _pack(
     arr = np.full((t, max(width, 1)), NAN)
     for i, r in enumerate(rows):
         arr[i, : len(r)] = r
-    impossible = int(np.count_nonzero(np.nanmax(arr, axis=1) > 1e-6)) if t and width else 0
+    # Values that cannot be logprobs (a server in logits mode): a positive one, or more than all the mass.
+    impossible = 0
+    if t and width:
+        with np.errstate(over="ignore"):
+            bad = (np.nanmax(arr, axis=1) > 1e-6) | (np.nansum(np.exp(arr), axis=1) > 1.0 + IMPOSSIBLE_MASS_EPS)
+        impossible = int(np.count_nonzero(bad))
     return Positions(
         logprobs=arr,
         sampled=np.asarray(sampled, dtype=np.float64),

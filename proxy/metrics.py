@@ -40,7 +40,7 @@ OVERHEAD_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 
 ENDPOINTS = frozenset({"chat", "completions"})
 FLAGS = ("confident", "uncertain", "forking_heavy", "truncated_tail")
-ERROR_KINDS = frozenset({"unavailable", "timeout", "status_4xx", "status_5xx", "stream"})
+ERROR_KINDS = frozenset({"bad_response", "unavailable", "timeout", "status_4xx", "status_5xx", "stream"})
 TOKEN_CLASSES = ("all", "planning", "execution")
 DIVERSITY_MEASURES = ("distinct_2", "chrf_distance", "format_entropy", "semantic_gram_entropy")
 CALIBRATION_MEASURES = frozenset({"ece", "brier", "auroc"})

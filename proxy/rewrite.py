@@ -57,7 +57,12 @@ def dumps(obj: Any) -> bytes:
     try:
         return orjson.dumps(obj)
     except (TypeError, orjson.JSONEncodeError):
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        pass  # integers over 64 bits, or a lone surrogate ("\ud800" is valid JSON text, not valid UTF-8)
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode()  # escaped as the client sent it
 
 
 def _type_name(v: Any) -> str:

@@ -5,6 +5,10 @@ Streaming: the upstream's SSE bytes are decoded event by event and every event i
 complete — nothing is held back except the very first event, which is read before the client's response starts
 so that a refusal of K can still be retried.
 
+A client that goes away is noticed at once (a watcher waits for the ASGI disconnect while the proxy waits on the
+upstream; the stream relay is cancelled by the server): the upstream request is closed and the request is counted
+with status 499 (nginx's "client closed request") in ``entropy_proxy_requests_total``.
+
 Retry (once, before anything reached the client): when the upstream rejects K with vLLM's
 "greater than max allowed: N" (a 400, or an error event first in a 200 stream) the proxy remembers N for this
 upstream and sends the request again with K = N — unless the client itself asked for more than N, in which case
@@ -14,8 +18,9 @@ again as the client wrote it and the response passes through with ``"entropy": n
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
@@ -25,9 +30,20 @@ import httpx
 import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from .annotate import Annotator, ResponseAnnotator
-from .errors import BadRequest, BodyTooLarge, UpstreamBadResponse, UpstreamError, UpstreamUnavailable, sse_error_event
+from .errors import (
+    BodyTooLarge,
+    ClientClosedRequest,
+    ProxyError,
+    RequestTimeout,
+    UpstreamBadResponse,
+    UpstreamError,
+    UpstreamUnavailable,
+    normalise_error_body,
+    sse_error_event,
+)
 from .observe import ObserverHub, RequestEvent
 from .rewrite import ClientAsk, dumps, force_logprobs, parse_request, upstream_k
 from .sse import SSEDecoder, SSEEvent
@@ -38,24 +54,45 @@ log = logging.getLogger("entropy_proxy.service")
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+CLIENT_CLOSED = 499
+BODY_TIMEOUT_S = 30.0  # a client that stops sending its body half-way gets 408 after this long (slow loris)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) as soon as it is known to exceed ``limit`` bytes."""
+async def read_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
+    """The request body, refusing (413) as soon as it is known to exceed ``limit`` bytes: a declared
+    ``content-length`` over the limit is refused before one byte of the body is read."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
     parts: list[bytes] = []
     size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-            parts.append(chunk)
+        with anyio.fail_after(BODY_TIMEOUT_S if timeout is None else timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+                parts.append(chunk)
     except ClientDisconnect:
-        raise BadRequest("The client closed the connection before the body was complete.") from None
+        raise ClientClosedRequest("The client closed the connection before the body was complete.") from None
+    except TimeoutError:
+        raise RequestTimeout("The request body did not arrive in time.") from None
     return b"".join(parts)
+
+
+class RelayResponse(StreamingResponse):
+    """A StreamingResponse that always closes its body iterator, even when the server stopped iterating it
+    while it was suspended at a ``yield`` (a client that disconnected while the proxy waited to send), so the
+    upstream response is closed at once rather than whenever the generator is garbage-collected."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
 
 
 @dataclass(slots=True)
@@ -79,6 +116,10 @@ def _safe_json(data: bytes) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
+        pass
+    try:  # the stdlib parser reads the bare NaN/Infinity that some Python servers write; they become null
+        return json.loads(data)
+    except (ValueError, RecursionError):
         return None
 
 
@@ -103,18 +144,51 @@ class ProxyService:
 
     async def handle(self, request: Request, endpoint: str) -> Response:
         t0 = perf_counter()
-        raw = await read_body(request, self.settings.max_body_bytes)
-        body, ask = parse_request(raw, endpoint, request.headers)
+        try:
+            raw = await read_body(request, self.settings.max_body_bytes)
+            body, ask = parse_request(raw, endpoint, request.headers)
+        except ProxyError as e:  # counted too: a flood of bad requests shows in requests_total{status}
+            self.hub.request_done(RequestEvent(model="", endpoint=endpoint, status=e.status,
+                                               overhead_s=perf_counter() - t0))
+            raise
         call = _Call(ask=ask, t0=t0)
         headers = request_headers(request.headers.items(), self.settings, annotated=True)
         try:
-            if ask.stream:
-                return await self._stream(body, call, headers)
-            return await self._unary(body, call, headers)
+            work = self._stream if ask.stream else self._unary
+            return await self._until_client_leaves(request, call, work, body, headers)
         except UpstreamError as e:
             call.upstream_error = e.kind
             self._done(call, e.status)
             raise
+
+    async def _until_client_leaves(
+        self, request: Request, call: _Call, work: Callable[..., Awaitable[Response]], *args: Any
+    ) -> Response:
+        """Run ``work`` (the wait for the upstream's answer) unless the client disconnects first; then the
+        upstream request is cancelled (its connection closed) and the request counted as 499."""
+        outcome: dict[str, Any] = {}
+
+        async def watch(scope: anyio.CancelScope) -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            outcome["gone"] = True
+            scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch, tg.cancel_scope)
+            try:
+                outcome["response"] = await work(*args, call)
+            except Exception as e:  # noqa: BLE001 - re-raised below, outside the task group (no ExceptionGroup)
+                outcome["error"] = e
+            finally:
+                tg.cancel_scope.cancel()
+        if "error" in outcome:
+            raise outcome["error"]
+        if "response" not in outcome:
+            log.info("client went away before the upstream answered; upstream request cancelled")
+            self._done(call, CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED)
+        return outcome["response"]
 
     # -- retry decision shared by both paths ---------------------------------------------------------------------
     def _retry_body(self, err: Any, body: dict[str, Any], call: _Call) -> dict[str, Any] | None:
@@ -126,8 +200,9 @@ class ProxyService:
         if n is not None:
             if n >= call.k_sent or (ask.logprobs and (ask.top == -1 or ask.top > n)):
                 return None  # not ours to fix: the client asked for more than the upstream allows
-            self.upstream.learn_max(n)
-            log.warning("upstream allows at most %d logprobs; using K=%d from now on", n, self.upstream.k)
+            self.upstream.learn_max(n, ask.endpoint)
+            log.warning("upstream allows at most %d logprobs on %s; using K=%d from now on", n, ask.endpoint,
+                        self.upstream.k_for(ask.endpoint))
             return self._upstream_body(body, call)
         if _rejects_logprobs(err):
             ask.forced = False
@@ -135,12 +210,12 @@ class ProxyService:
         return None
 
     def _upstream_body(self, body: dict[str, Any], call: _Call) -> dict[str, Any]:
-        k = self.upstream.k
+        k = self.upstream.k_for(call.ask.endpoint)
         call.k_sent = upstream_k(call.ask, k)
         return force_logprobs(body, call.ask, k)
 
     # -- non-streaming -------------------------------------------------------------------------------------------
-    async def _unary(self, body: dict[str, Any], call: _Call, headers: dict[str, str]) -> Response:
+    async def _unary(self, body: dict[str, Any], headers: dict[str, str], call: _Call) -> Response:
         path = PATHS[call.ask.endpoint]
         send = self._upstream_body(body, call)
         for attempt in (0, 1):
@@ -171,7 +246,13 @@ class ProxyService:
     def _pass_error(self, status: int, content: bytes, headers: httpx.Headers, call: _Call) -> Response:
         call.upstream_error = "status_5xx" if status >= 500 else "status_4xx"
         self._done(call, status)
-        return Response(content, status_code=status, headers=response_headers(headers, keep_length=False))
+        out_headers = response_headers(headers, keep_length=False)
+        fixed = normalise_error_body(content, status)
+        if fixed is not None:  # another engine's error shape (or none): the OpenAI shape, the message kept
+            content = fixed
+            out_headers = {k: v for k, v in out_headers.items() if k.lower() != "content-type"}
+            out_headers["content-type"] = "application/json"
+        return Response(content, status_code=status, headers=out_headers)
 
     @staticmethod
     def _entropy_headers(ra: ResponseAnnotator) -> dict[str, str]:
@@ -184,12 +265,13 @@ class ProxyService:
         return h
 
     # -- streaming -----------------------------------------------------------------------------------------------
-    async def _stream(self, body: dict[str, Any], call: _Call, headers: dict[str, str]) -> Response:
+    async def _stream(self, body: dict[str, Any], headers: dict[str, str], call: _Call) -> Response:
         path = PATHS[call.ask.endpoint]
         send = self._upstream_body(body, call)
         client = self.upstream.client
         for attempt in (0, 1):
             t = perf_counter()
+            resp: httpx.Response | None = None
             try:
                 resp = await client.send(client.build_request("POST", path, content=dumps(send), headers=headers),
                                          stream=True)
@@ -204,8 +286,15 @@ class ProxyService:
                 decoder = SSEDecoder()
                 chunks = resp.aiter_raw()
                 head, eof = await self._first_data_event(decoder, chunks)
-            except httpx.HTTPError as e:
-                raise map_exception(e) from None
+                if eof and not any(ev.data is not None for ev in head):
+                    raise UpstreamBadResponse("The upstream answered 200 but sent no stream event.")
+            except BaseException as e:  # also cancellation (the client left): never leave the response open
+                if resp is not None:
+                    with anyio.CancelScope(shield=True):
+                        await resp.aclose()
+                if isinstance(e, httpx.HTTPError):
+                    raise map_exception(e) from None
+                raise
             finally:
                 call.upstream_s += perf_counter() - t
             first = _safe_json(head[-1].data) if head and head[-1].data else None
@@ -224,8 +313,8 @@ class ProxyService:
         out_headers.update(SSE_HEADERS)
         if ra.request_id:
             out_headers["X-Entropy-Request-Id"] = ra.request_id
-        return StreamingResponse(self._relay(resp, chunks, decoder, head, eof, ra, call), headers=out_headers,
-                                 media_type=None)
+        return RelayResponse(self._relay(resp, chunks, decoder, head, eof, ra, call), headers=out_headers,
+                             media_type=None)
 
     @staticmethod
     async def _first_data_event(decoder: SSEDecoder, chunks: AsyncIterator[bytes]) -> tuple[list[SSEEvent], bool]:
@@ -241,8 +330,9 @@ class ProxyService:
         self, resp: httpx.Response, chunks: AsyncIterator[bytes], decoder: SSEDecoder, head: list[SSEEvent],
         eof: bool, ra: ResponseAnnotator, call: _Call,
     ) -> AsyncIterator[bytes]:
-        state = {"done": False}
+        state = {"done": False, "error": False}
         failure: UpstreamError | None = None
+        gone = False
         try:
             t = perf_counter()
             out = b"".join(self._event(ev, ra, call, state) for ev in head)
@@ -257,23 +347,36 @@ class ProxyService:
                     call.proxy_s += perf_counter() - t
                     if out:
                         yield out
-                tail = decoder.flush()
-                if tail:
-                    out = b"".join(self._event(ev, ra, call, state) for ev in tail)
-                    if out:
-                        yield out
+                out = b"".join(self._tail_event(ev, ra, call, state) for ev in decoder.flush())
+                if out:
+                    yield out
             if not state["done"]:
                 failure = UpstreamUnavailable("The upstream closed the stream before it finished.")
         except httpx.HTTPError as e:
             failure = map_exception(e)
+        except (anyio.get_cancelled_exc_class(), GeneratorExit):
+            gone = True  # the client went away: the server cancelled or closed this generator
+            raise
         finally:
             with anyio.CancelScope(shield=True):
                 await resp.aclose()
+            if gone:
+                log.info("client went away mid-stream; upstream stream closed")
+                self._finish(ra, call, CLIENT_CLOSED)
         if failure is not None:
             call.upstream_error = "stream"
             log.warning("stream from upstream failed midway: %s", failure.message)
-            yield sse_error_event(failure) + DONE
+            # one error event only: when the upstream sent its own before it went, [DONE] is all that is missing
+            yield DONE if state["error"] else sse_error_event(failure) + DONE
         self._finish(ra, call, 200)
+
+    def _tail_event(self, ev: SSEEvent, ra: ResponseAnnotator, call: _Call, state: dict[str, bool]) -> bytes:
+        """An event ended by end-of-file rather than a blank line. WHATWG discards it; a complete JSON payload
+        is still worth passing on (terminated), a cut one is dropped so the error event after it stays intact."""
+        if ev.data is None or (ev.data != b"[DONE]" and _safe_json(ev.data) is None):
+            return b""
+        out = self._event(ev, ra, call, state)
+        return out if out.endswith((b"\n\n", b"\r\r", b"\r\n\r\n")) else out.rstrip(b"\r\n") + b"\n\n"
 
     def _event(self, ev: SSEEvent, ra: ResponseAnnotator, call: _Call, state: dict[str, bool]) -> bytes:
         data = ev.data
@@ -288,6 +391,9 @@ class ProxyService:
         if "choices" not in obj:
             if "error" in obj:
                 call.upstream_error = "stream"
+                state["error"] = True
+                if not isinstance(obj["error"], dict):  # TGI's {"error": str, "error_type": str}
+                    return b"data: " + (normalise_error_body(data, 500) or data) + b"\n\n"
             return ev.raw  # usage-only chunks and the like
         ra.annotate_chunk(obj)
         return b"data: " + dumps(obj) + b"\n\n"

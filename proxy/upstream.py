@@ -10,8 +10,16 @@ import httpx
 from .errors import UpstreamBadResponse, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from .settings import Settings
 
-# vLLM: "Requested sample logprobs of 21, which is greater than max allowed: 20 (parameter=logprobs, value=21)"
-_MAX_ALLOWED = re.compile(r"greater than max allowed:\s*(-?\d+)")
+# The limit N in each engine's refusal of too many alternatives (docs/reliability.md, "Other engines"):
+#   vLLM      "Requested sample logprobs of 21, which is greater than max allowed: 20 (parameter=logprobs, value=21)"
+#   OpenAI    "Invalid 'top_logprobs': integer above maximum value. Expected a value <= 20, but got 21 instead."
+#             (legacy completions: "... 'logprobs' ... less than or equal to 5")
+#   TGI       "`top_n_tokens` must be >= 0 and <= 5. Given: 20"
+#   Together  "5 is greater than the maximum of 1 - 'logprobs'"
+_MAX_ALLOWED = re.compile(
+    r"(?:greater than max allowed:|value <=|and <=|less than or equal to|greater than the maximum of)\s*(-?\d+)"
+)
+_ABOUT_LOGPROBS = re.compile(r"logprob|top_n_tokens", re.IGNORECASE)
 
 HOP_BY_HOP = frozenset(
     {
@@ -24,8 +32,9 @@ _OWN_REQUEST_HEADERS = frozenset({"x-entropy-detail"})
 
 
 def max_allowed(message: object) -> int | None:
-    """The limit N from vLLM's 'greater than max allowed: N' error message, if that is what this is."""
-    if isinstance(message, str):
+    """The limit N from an engine's 'too many logprobs' error message (see ``_MAX_ALLOWED``), if that is what
+    this is: the message must be about logprobs, so an unrelated '<= 4096' (max_tokens) is not taken for it."""
+    if isinstance(message, str) and _ABOUT_LOGPROBS.search(message):
         m = _MAX_ALLOWED.search(message)
         if m:
             return int(m.group(1))
@@ -98,15 +107,21 @@ class Upstream:
             transport=transport,
             follow_redirects=False,
         )
-        self.max_k: int | None = None  # learnt from the upstream's "greater than max allowed: N"
+        # Learnt from the upstream's "greater than max allowed: N", per endpoint: OpenAI allows 20 alternatives
+        # on chat but 5 on legacy completions.
+        self.max_k: dict[str, int] = {}
+
+    def k_for(self, endpoint: str) -> int:
+        k = self.settings.top_k
+        n = self.max_k.get(endpoint)
+        return k if n is None or n < 0 else min(k, n)
 
     @property
     def k(self) -> int:
-        k = self.settings.top_k
-        return k if self.max_k is None or self.max_k < 0 else min(k, self.max_k)
+        return self.k_for("chat")
 
-    def learn_max(self, n: int) -> None:
-        self.max_k = n
+    def learn_max(self, n: int, endpoint: str = "chat") -> None:
+        self.max_k[endpoint] = n
 
     async def aclose(self) -> None:
         await self.client.aclose()
