@@ -187,7 +187,11 @@ def echo_prompt_positions(lp: dict[str, Any] | None, prompt: Any, choice: dict[s
 
 def _keep_count(entries: list[float], sampled: float, n: int) -> int:
     """Entries of a completions dict that vLLM would have sent for ``logprobs=n``: top n, plus the sampled token
-    (listed first) when it ranks below n."""
+    (listed first) when it ranks below n.
+
+    Known limit: when two alternatives decode to the same string, vLLM's dict keeps one key with the later value;
+    cut from K entries that can differ from what ``logprobs=n`` would have collapsed. Ties in rank are read as
+    ranking below the sampled token."""
     rank = 1 + sum(1 for v in entries[1:] if isinstance(v, (int, float)) and v > sampled)
     return n if rank <= n else n + 1
 
