@@ -196,13 +196,18 @@ def _keep_count(entries: list[float], sampled: float, n: int) -> int:
     return n if rank <= n else n + 1
 
 
-def trim_chat(choice: dict[str, Any], ask_logprobs: bool, top: int, k_sent: int) -> None:
-    """Cut a chat choice's logprobs (full body or stream chunk) back to the client's request, in place."""
+def _nothing_to_cut(choice: dict[str, Any], ask_logprobs: bool, top: int, k_sent: int) -> bool:
+    """The cases that need no per-position work: logprobs not asked (removed here) or asked in full."""
     if not ask_logprobs:
         if "logprobs" in choice:
             choice["logprobs"] = None
-        return
-    if top == -1 or top >= k_sent:
+        return True
+    return top == -1 or top >= k_sent
+
+
+def trim_chat(choice: dict[str, Any], ask_logprobs: bool, top: int, k_sent: int) -> None:
+    """Cut a chat choice's logprobs (full body or stream chunk) back to the client's request, in place."""
+    if _nothing_to_cut(choice, ask_logprobs, top, k_sent):
         return
     lp = choice.get("logprobs")
     if isinstance(lp, dict):
@@ -214,11 +219,7 @@ def trim_chat(choice: dict[str, Any], ask_logprobs: bool, top: int, k_sent: int)
 def trim_completion(choice: dict[str, Any], ask_logprobs: bool, top: int, k_sent: int, keep_prompt_lp: bool) -> None:
     if not keep_prompt_lp and choice.get("prompt_logprobs") is not None:
         choice["prompt_logprobs"] = None
-    if not ask_logprobs:
-        if "logprobs" in choice:
-            choice["logprobs"] = None
-        return
-    if top == -1 or top >= k_sent:
+    if _nothing_to_cut(choice, ask_logprobs, top, k_sent):
         return
     lp = choice.get("logprobs")
     if not isinstance(lp, dict):
