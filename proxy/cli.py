@@ -29,11 +29,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    # Each annotated body makes ~10^5 short-lived, acyclic objects (parsed JSON). With the default thresholds
-    # (700, 10, 10) that triggers full collections every few requests, each scanning the monitors' long-lived
-    # windows: measured p99 of a 128-token K=20 request 77 ms -> 18 ms with these thresholds.
-    gc.set_threshold(100_000, 50, 100)
-
     from .app import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -51,6 +46,11 @@ def _serve(args: argparse.Namespace) -> int:
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
         access_log=False, timeout_graceful_shutdown=SHUTDOWN_DEADLINE_S,
     ))
+    # Each annotated body makes ~10^5 short-lived objects (parsed JSON), so the collector runs often; moving what
+    # exists at start-up (modules, the app) out of its reach keeps each full collection small. Measured on a
+    # 128-token K=20 request: added p99 83 -> 21 ms, memory unchanged (raising the thresholds instead did as well
+    # for latency but tripled the resident set).
+    gc.freeze()
     server.run()
     return 0 if server.started else 1
 
