@@ -73,6 +73,13 @@ class ProbeSettings(_Section):
     off_policy_model: str | None = None
 
 
+class ModelSettings(_Section):
+    """Per-model facts the upstream may not tell (``models.<name>``); unset fields are learnt where possible."""
+
+    revision: str | None = Field(None, description="the deployed revision; else the upstream's /v1/models `root`")
+    vocab_size: int | None = Field(None, ge=2, description="the model's vocabulary size for the entropy bounds")
+
+
 class Settings(_Section):
     upstream: str
     host: str = "127.0.0.1"
@@ -82,7 +89,10 @@ class Settings(_Section):
     connect_timeout_s: float = Field(5.0, gt=0)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     vocab_size: int = Field(262_144, ge=2, description="used for the entropy upper bound when the model's is unknown")
-    models: list[str] = Field(default_factory=list, description="allow-list for metric labels")
+    models: dict[str, ModelSettings] = Field(
+        default_factory=dict,
+        description="allow-list for metric labels: a list of names, or a mapping name -> {revision, vocab_size}",
+    )
     api_keys: list[str] = Field(default_factory=list, description="keys clients must send; empty: no check")
     upstream_api_key: str | None = Field(None, description="sent upstream as Bearer; else the client's is forwarded")
     admin_keys: list[str] = Field(default_factory=list)
@@ -103,12 +113,35 @@ class Settings(_Section):
             v = v[: -len("/v1")]
         return v
 
-    @field_validator("models", "api_keys", "admin_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _comma_list(cls, v: Any) -> Any:
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, v: Any) -> Any:
+        # Kept compatible with the first version's list form (and "a,b" from the environment).
+        if isinstance(v, str):
+            v = [s.strip() for s in v.split(",") if s.strip()]
+        if isinstance(v, list | tuple):
+            if not all(isinstance(name, str) for name in v):
+                raise ValueError("must be a list of model names or a mapping name -> {revision, vocab_size}")
+            return {name: {} for name in v}
+        if isinstance(v, Mapping):
+            return {name: ({} if spec is None else spec) for name, spec in v.items()}
+        return v
+
+    def vocab_size_for(self, model: str) -> int:
+        """The vocabulary size for ``model``'s entropy bounds: its own when configured, else the default."""
+        spec = self.models.get(model)
+        return spec.vocab_size if spec is not None and spec.vocab_size else self.vocab_size
+
+    def revision_for(self, model: str) -> str | None:
+        spec = self.models.get(model)
+        return spec.revision if spec is not None else None
 
 
 def _set_nested(target: dict[str, Any], dotted: list[str], value: Any) -> None:

@@ -276,14 +276,14 @@ async def _v1_store(url: str) -> None:
 async def test_migration_from_a_v1_store(store_url: str) -> None:
     from proxy.audit.store import probe_results
 
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     await _v1_store(store_url)
     s = AuditStore(store_url)
     await s.start()
     try:
         assert s.engine is not None
         async with s.engine.connect() as conn:
-            assert [v for (v,) in await conn.execute(sa.select(schema_version.c.version))] == [2]
+            assert [v for (v,) in await conn.execute(sa.select(schema_version.c.version))] == [SCHEMA_VERSION]
             names = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
             indexes = await conn.run_sync(
                 lambda c: {i["name"] for i in sa.inspect(c).get_indexes(probe_results.name)})

@@ -4,7 +4,8 @@
 ``postgresql://user:pw@host/db`` and the socket form ``postgresql://postgres:@/postgres?host=/dir`` run on asyncpg.
 A new store gets the whole schema on start; an older one is brought forward by the steps in ``MIGRATIONS`` (its
 version lives in the ``schema_version`` table; on PostgreSQL an advisory lock keeps concurrently starting replicas
-from racing). Version 2 added ``audit_probe_results``: the recognition probe's re-scoring of sampled responses.
+from racing). Version 2 added ``audit_probe_results``: the recognition probe's re-scoring of sampled responses; version 3
+the second version's baselines, canary rounds and semantic-entropy columns.
 
 Rows hold numbers and, only when the writer was told to (``audit.store_text``), text. The store itself never sees
 request headers, so no ``Authorization`` value or API key can reach it.
@@ -23,7 +24,7 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _ADVISORY_LOCK = 0x656E7470  # "entp": serialises schema set-up across replicas on PostgreSQL
 
 metadata = sa.MetaData()
@@ -109,6 +110,9 @@ def _create(*tables: sa.Table) -> Callable[[sa.Connection], None]:
 # or a callable given the synchronous connection. A new store is created at SCHEMA_VERSION and runs none of them.
 MIGRATIONS: dict[int, list[Step]] = {
     2: [_create(probe_results)],
+    # Version 3 (second version): model-revision baselines, canary rounds, semantic entropy on audit records.
+    # Each part appends its own step here; new tables need only _create(...), new columns an ALTER TABLE.
+    3: [],
 }
 
 JSON_COLUMNS = ("summary", "entropies", "token_probs", "alt_probs", "alt_tokens", "tokens", "prompt")
