@@ -19,7 +19,9 @@ All values are in nats.
   K, so the missing rank-K token may be more probable than the sampled one). Rows whose entries may have been
   merged (``collapsed``: the completions API keys ``top_logprobs`` by token string, and for a duplicate string
   the later entry, in rank order, overwrites the earlier) get ``c = 1``: the overwritten token may be more
-  probable than every listed entry, so only ``c >= r`` is safe and the bound is ``H_K - r log r``. Without
+  probable than every listed entry, so only ``c >= r`` is safe and the bound is ``H_K - r log r``. A dict of K
+  keys is such a row too whenever the sampled token may lie below rank K (its value is not above every other
+  entry): K+1 tokens were sent and one is gone (``proxy.logprobs`` flags these rows). Without
   the sampled column, any one entry may be a sampled token from below rank K, so ``c`` is the second-smallest
   entry (and ``c = 1`` for a single entry).
 * Point estimate (``topk-tail-v1``): the logits of the unseen tokens are modelled as the upper order statistics

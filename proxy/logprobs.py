@@ -5,7 +5,11 @@ Two wire shapes (see docs/vllm-shapes.md):
 - completions: ``logprobs = {tokens, token_logprobs, text_offset, top_logprobs: [{token: logprob} | null]}``
   (a dict per position, so duplicate token strings collapse into one entry).
 In both, vLLM lists the sampled token first and the rest in rank order; when the sampled token is outside the
-top K the list holds it plus the top K-1 (chat) or the top K (completions: up to K+1 entries).
+top K the list holds it plus the top K-1 (chat) or the top K (completions: up to K+1 entries). Completions keys
+collapse tokens that decode alike (byte-fallback pieces all decode to "\ufffd"), the later value winning: a dict
+of K keys may then hide a merged top token, and the sampled token's own value may be overwritten
+(``token_logprobs`` still has it); see ``_may_have_merged``. Chat lists keep such tokens apart (their ``bytes``
+are the same too), so the sampled entry is the one matching in token and value.
 A position without logprobs (vLLM's fallback entry: ``logprob`` -9999 with no alternatives, or no keys at all in a
 stream) is skipped for entropy and counted.
 """
@@ -80,7 +84,9 @@ def _chat_fast(content: list[Any]) -> Positions | None:
         arr = np.array([[e["logprob"] for e in t] for t in tops], dtype=np.float64)
         sampled = np.array([p["logprob"] for p in content], dtype=np.float64)
         tokens = [p["token"] for p in content]
-        cols = [0 if t and t[0]["token"] == tok else -1 for t, tok in zip(tops, tokens, strict=True)]
+        # The sampled entry matches in value too: a same-string sibling (two byte-fallback tokens) is not it.
+        cols = [0 if t and t[0]["token"] == tok and t[0]["logprob"] == p["logprob"] else -1
+                for t, tok, p in zip(tops, tokens, content, strict=True)]
     except (KeyError, TypeError, ValueError, IndexError):
         return None
     if arr.ndim != 2 or arr.shape[1] == 0 or np.isnan(arr).any() or np.isnan(sampled).any() or -1 in cols:
@@ -122,7 +128,7 @@ def _chat_careful(content: list[Any] | None) -> Positions:
         for i, e in enumerate(top):
             if isinstance(e, dict):
                 row.append(_num(e.get("logprob")))
-                if col < 0 and e.get("token") == tok:
+                if col < 0 and e.get("token") == tok and row[-1] == lp:  # a same-string sibling is not it
                     col = i
             else:
                 row.append(NAN)
@@ -155,16 +161,36 @@ def completion_positions(lp: dict[str, Any] | None, start: int, k_requested: int
             skipped += 1
             continue
         tok = toks[j]
-        keys = list(top)
-        col = keys.index(tok) if tok in top else -1
-        rows.append([_num(v) for v in top.values()])
+        row = [_num(v) for v in top.values()]
+        col = list(top).index(tok) if isinstance(tok, str) and tok in top else -1
+        sampled_lost = col >= 0 and row[col] == row[col] and row[col] != s
+        if sampled_lost:  # a later token decoding alike overwrote the sampled one's value: keep both known
+            row.append(s)
+            col = len(row) - 1
+        rows.append(row)
         sampled.append(s)
         cols.append(col)
-        # Fewer entries than asked for: duplicate strings may have collapsed; the lower bound must know.
-        collapsed.append(len(top) < k_requested)
+        collapsed.append(_may_have_merged(row, col, len(top), sampled_lost, k_requested))
         tokens.append(tok if isinstance(tok, str) else "")
         alts.append(list(top.items())[:N_ALTERNATIVES])
     return _pack(rows, sampled, cols, collapsed, tokens, alts, skipped)
+
+
+def _may_have_merged(row: list[float], col: int, n: int, sampled_lost: bool, k: int) -> bool:
+    """Whether a completions dict of ``n`` keys may have lost a token other than the sampled one to a duplicate
+    string (such a token may hold any part of the missing mass, so the lower bound must not cap it).
+
+    vLLM fills the dict from the sampled token followed by the top ``k`` (``k + 1`` tokens when the sampled one
+    ranks below ``k``, else ``k``), a later token overwriting an earlier one of the same string. Every value but
+    the sampled token's belongs to the top ``k``, and a sampled token below rank ``k`` is at most each of them:
+    so a sampled value above some other value proves it is in the top ``k``. Tokens lost = tokens sent - ``n``;
+    unknown ones remain unless the sampled token accounts for all of them."""
+    if col < 0:  # no sampled entry to reason from (not vLLM's shape): only a short dict tells
+        return n < k
+    s = row[col]
+    others = [v for i, v in enumerate(row) if i != col and v == v]
+    sent = k if others and s > min(others) else k + 1
+    return sent - n - sampled_lost > 0
 
 
 def echo_prompt_positions(lp: dict[str, Any] | None, prompt: Any, choice: dict[str, Any]) -> int:
