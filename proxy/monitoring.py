@@ -20,6 +20,7 @@ against its baseline (entropy fell on the model's own text only), else ``collaps
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import queue
@@ -41,6 +42,8 @@ from monitors.planning import PlanningClassifier, SemanticGramWindow, load_lexic
 from monitors.quantile import RollingQuantile
 from monitors.recognition import Diagnosis, Evidence, diagnose
 
+from .baselines import live as baseline_live
+from .baselines.model import Baseline
 from .observe import Observation
 from .settings import Settings, SettingsError
 
@@ -51,7 +54,7 @@ MIN_QUANTILE_TOKENS = 500
 FORKING_QUANTILE = 0.8
 QUEUE_SIZE = 1_000
 PSI_ALERT, JS_ALERT = 0.25, 0.1
-STATES = ("healthy", "recognition", "collapse", "drift")
+STATES = ("healthy", "recognition", "collapse", "drift", "unknown")
 BASELINE_FORMAT = "entropy-proxy-baseline"
 TokenClassSink = Callable[[str, np.ndarray, np.ndarray], None]
 
@@ -62,8 +65,11 @@ def _mean(xs: deque[float]) -> float | None:
 
 class ModelMonitors:
     def __init__(
-        self, window: int, baseline_tokens: int, planner: PlanningClassifier, collapse_reference: int = 400
+        self, window: int, baseline_tokens: int, planner: PlanningClassifier, collapse_reference: int = 400,
+        live: baseline_live.LiveBaseline | None = None,
     ) -> None:
+        # The baseline in use (per revision, from the store), its warm-up and the verdict's evidence gate.
+        self.live = live
         self.quantile = RollingQuantile()
         self.drift = DriftMonitor(window=window, baseline_tokens=baseline_tokens)
         self.collapse = CollapseMonitor(min_reference=collapse_reference)
@@ -86,7 +92,10 @@ class ModelMonitors:
         self.responses += 1
         self.tokens += int(h.size)
         self.quantile.update(h)
-        fs = forking_stats(h, threshold)
+        fixed = self.live.threshold() if self.live is not None else None
+        fs = forking_stats(h, threshold if fixed is None else fixed)  # the baseline's fixed cut-off, once there
+        if self.live is not None:
+            self.live.observe(h)
         for k, dq in self.recent.items():
             v = getattr(fs, k)
             if v is not None:
@@ -108,8 +117,10 @@ class ModelMonitors:
             "chrf_distance": chrf["chrf_distance"] if (chrf["pairs"] or 0) >= 10 else None,
             "format_entropy": self.formats.entropy() if len(self.formats) >= 50 else None,
         }
-        self.collapse.note_diversity(current, self.drift.frozen)
+        if self.live is None or self.live.baseline is None:
+            self.collapse.note_diversity(current, self.drift.frozen)
         self.text = {
+            "samples": baseline_live.diversity_samples(self),
             "distinct_2": self.diversity.distinct_2(),
             "chrf_distance": chrf["chrf_distance"],
             "chrf": chrf,
@@ -143,6 +154,9 @@ class ModelMonitors:
         )
 
     def diagnosis(self) -> Diagnosis:
+        missing = self.live.missing(self) if self.live is not None else []
+        if missing:  # never a verdict (least of all `healthy`) on no baseline or too little evidence
+            return Diagnosis("unknown", tuple(missing))
         return diagnose(self.evidence())
 
     def state(self) -> str:
@@ -168,6 +182,10 @@ class Monitoring:
         self.processed = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Set by proxy.baselines when it runs: the revision lookup, and where finished warm-ups go (None: used here).
+        self.revisions: Any = None
+        self.on_candidate: Callable[[str, Baseline], None] | None = None
+        self.file_baselines: dict[str, Baseline] = {}
         if m.baseline_file:
             try:
                 self.load_baseline(json.loads(Path(m.baseline_file).read_text()))
@@ -181,7 +199,12 @@ class Monitoring:
         mm = self.models.get(label)
         if mm is None:
             m = self.settings.monitors
-            mm = self.models[label] = ModelMonitors(m.window, m.baseline, self.planner, m.collapse_reference)
+            rv = self.revisions
+            revision = rv.revision(label) if rv is not None else (self.settings.revision_for(label) or "unknown")
+            live = baseline_live.LiveBaseline(label, revision, rv.settled(label) if rv is not None else True, m)
+            mm = self.models[label] = ModelMonitors(m.window, m.baseline, self.planner, m.collapse_reference, live)
+            if label in self.file_baselines:
+                baseline_live.apply(mm, dataclasses.replace(self.file_baselines[label], revision=revision))
         return mm
 
     # -- the request path ------------------------------------------------------------------------------------------
@@ -211,7 +234,10 @@ class Monitoring:
     # -- the background side -------------------------------------------------------------------------------------
     def _process(self, job: tuple[str, str, Any, str | None, list[str], np.ndarray]) -> None:
         label, text, prompt, finish, tokens, h = job
-        mask = self._get(label).text_work(text, prompt, finish, tokens, h)
+        mm = self._get(label)
+        mask = mm.text_work(text, prompt, finish, tokens, h)
+        if mm.live is not None:
+            mm.live.maybe_finish(mm, self.on_candidate)
         self.processed += 1
         for sink in self.token_class_sinks:
             sink(label, h[mask], h[~mask])
@@ -269,17 +295,22 @@ class Monitoring:
         for label, mm in list(self.models.items()):
             fit = mm.fit.fit()
             diag = mm.diagnosis()
+            live = mm.live
+            fixed = live.threshold() if live is not None else None
             models[label] = {
                 "state": diag.state,
                 "diagnosis": list(diag.reasons),
+                "revision": live.revision if live is not None else None,
+                "evidence": live.status(mm) if live is not None else None,
                 "responses": mm.responses,
                 "tokens": mm.tokens,
-                "forking_threshold": round(self.current_forking_threshold(label), 4),
+                "forking_threshold": round(self.current_forking_threshold(label) if fixed is None else fixed, 4),
                 "forking": {k: _mean(v) for k, v in mm.recent.items()},
                 "drift": {k: (None if v is None else round(v, 5)) for k, v in mm.drift.values().items()},
                 "baseline": {
                     "complete": mm.drift.frozen, "source": mm.drift.source,
                     "tokens": int(mm.drift.base_tokens.sum()), "target_tokens": mm.drift.baseline_tokens,
+                    "in_use": live.baseline.summary() if live is not None and live.baseline is not None else None,
                 },
                 "collapse": {
                     "score": round(mm.collapse_score(), 4), "components": mm.collapse_components(),
@@ -305,7 +336,8 @@ class Monitoring:
         return {
             "format": BASELINE_FORMAT, "version": 1, "created": time.time(),
             "models": {
-                label: {"drift": mm.drift.to_dict(), "collapse": mm.collapse.to_dict()}
+                label: {"drift": mm.drift.to_dict(), "collapse": mm.collapse.to_dict(),
+                        **({"baseline": mm.live.baseline.to_dict()} if mm.live and mm.live.baseline else {})}
                 for label, mm in self.models.items()
                 if mm.drift.base_tokens.sum() > 0
             },
@@ -313,9 +345,12 @@ class Monitoring:
 
     def load_baseline(self, data: Any) -> None:
         for label, entry in validate_baseline(data)["models"].items():
+            # Compared with whatever revision the model runs: the operator chose this file on purpose.
+            self.file_baselines[label] = Baseline.from_file_entry(
+                label, self.settings.revision_for(label) or "unknown", "file", entry)
             mm = self._get(label)
-            mm.drift.load_dict(entry["drift"])
-            mm.collapse.load_dict(entry.get("collapse") or {})
+            if mm.live is not None:
+                baseline_live.apply(mm, dataclasses.replace(self.file_baselines[label], revision=mm.live.revision))
 
 
 def validate_baseline(data: Any) -> dict[str, Any]:
@@ -342,12 +377,14 @@ def install(app: Any, settings: Settings, hub: Any, registry: Any) -> contextlib
 
     The returned context manager runs the background text worker for the app's lifetime.
     """
-    from fastapi import APIRouter
+    from fastapi import APIRouter, Depends
+
+    from .access import require_client_key
 
     mon = Monitoring(settings)
     app.state.monitoring = mon
     hub.add(mon)
-    router = APIRouter()
+    router = APIRouter(dependencies=[Depends(require_client_key(settings))])  # /v1 routes: api_keys apply
 
     @router.get("/v1/entropy/status")
     async def entropy_status() -> dict[str, Any]:

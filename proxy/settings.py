@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "ENTROPY_PROXY_"
 
@@ -56,6 +56,7 @@ class AuditSettings(_Section):
     queue_size: int = Field(10_000, ge=1)
     batch_size: int = Field(200, ge=1)
     enabled: bool = True
+    public: bool = Field(False, description="without api_keys/admin_keys, /audit and feedback answer every client")
 
 
 class MonitorSettings(_Section):
@@ -64,6 +65,11 @@ class MonitorSettings(_Section):
     collapse_reference: int = Field(400, ge=10, description="responses that make the collapse detector's reference")
     baseline_file: str | None = None
     strategic_grams_file: str | None = None
+    baseline_responses: int = Field(400, ge=10, description="responses an automatic baseline needs at least")
+    baseline_poll_s: float = Field(30.0, gt=0, description="how often replicas re-read baselines and revisions")
+    baseline_store: bool = Field(True, description="keep baselines in the audit store (audit.url) when audit is on")
+    evidence_tokens: int = Field(2_000, ge=1, description="tokens in the window before a state other than unknown")
+    evidence_responses: int = Field(20, ge=1, description="responses in the window before a state other than unknown")
 
 
 class ProbeSettings(_Section):
@@ -71,6 +77,24 @@ class ProbeSettings(_Section):
     concurrency: int = Field(1, ge=1)
     off_policy_upstream: str | None = None
     off_policy_model: str | None = None
+
+
+class OtelSettings(_Section):
+    """OpenTelemetry export (docs/otel.md); the exporter itself is configured by the standard OTEL_* variables."""
+
+    enabled: bool = Field(False, description="a GenAI span per chat/completions request, exported over OTLP/HTTP")
+
+
+class CanarySettings(_Section):
+    """Fixed prompts sampled off the request path (docs/recognition.md, "Canary")."""
+
+    enabled: bool = False
+    interval_s: float = Field(3_600.0, ge=1, description="seconds between rounds")
+    samples: int = Field(5, ge=2, le=64, description="samples of each prompt per round (n)")
+    temperature: float = Field(1.0, ge=0, le=2)
+    prompts_file: str | None = Field(None, description="YAML/JSON prompt set added to (or replacing) the default")
+    max_tokens_per_hour: int = Field(20_000, ge=1, description="the canary's sliding-hour token budget")
+    max_tokens: int = Field(48, ge=1, le=4096, description="tokens per sample unless a prompt sets its own")
 
 
 class ModelSettings(_Section):
@@ -101,6 +125,8 @@ class Settings(_Section):
     audit: AuditSettings = AuditSettings()
     monitors: MonitorSettings = MonitorSettings()
     probe: ProbeSettings = ProbeSettings()
+    canary: CanarySettings = CanarySettings()
+    otel: OtelSettings = OtelSettings()
 
     @field_validator("upstream")
     @classmethod
@@ -133,6 +159,13 @@ class Settings(_Section):
         if isinstance(v, Mapping):
             return {name: ({} if spec is None else spec) for name, spec in v.items()}
         return v
+
+    @model_validator(mode="after")
+    def _public_audit(self) -> Settings:
+        if self.audit.public and (self.api_keys or self.admin_keys):
+            raise ValueError("audit.public: cannot be combined with api_keys or admin_keys (the keys decide who "
+                             "reads the audit trail; unset audit.public)")
+        return self
 
     def vocab_size_for(self, model: str) -> int:
         """The vocabulary size for ``model``'s entropy bounds: its own when configured, else the default."""

@@ -255,3 +255,43 @@ def test_k8s_objects_agree() -> None:
     assert "jobLabel" not in monitor["spec"] and service["metadata"]["name"] == "entropy-proxy"
     assert hpa["spec"]["scaleTargetRef"]["name"] == deploy["metadata"]["name"]
     assert hpa["spec"]["minReplicas"] >= 2
+
+
+# --- who may read the audit trail in the examples ------------------------------------------------------------
+
+def _env_file(path: Path) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not
+             line.lstrip().startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def test_compose_proxy_takes_admin_keys_from_an_env_file() -> None:
+    proxy = _compose()["services"]["proxy"]
+    env_files = proxy["env_file"]
+    assert env_files == ["./proxy-keys.env"]
+    assert (COMPOSE_DIR / ".gitignore").read_text().split() == ["proxy-keys.env"]
+    example = _env_file(COMPOSE_DIR / "proxy-keys.env.example")
+    assert set(example) == {"ENTROPY_PROXY_ADMIN_KEYS"} and example["ENTROPY_PROXY_ADMIN_KEYS"] == ""
+    args = build_parser().parse_args(proxy["command"])
+    config = str(COMPOSE_DIR / "entropy-proxy.yaml")
+    # the example as shipped: no key, so the audit trail is closed to every non-loopback client
+    empty = load_settings({"upstream": args.upstream}, environ=example, config_file=config)
+    assert empty.admin_keys == [] and not empty.audit.public and empty.host == "0.0.0.0"
+    filled = load_settings({"upstream": args.upstream}, environ={"ENTROPY_PROXY_ADMIN_KEYS": "k1,k2"},
+                           config_file=config)
+    assert filled.admin_keys == ["k1", "k2"]
+
+
+def test_k8s_admin_keys_come_from_a_secret_and_are_required() -> None:
+    objs = _k8s()
+    container = objs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    admin = env["ENTROPY_PROXY_ADMIN_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert admin["key"] == "admin_keys" and not admin.get("optional", False)
+    api = env["ENTROPY_PROXY_API_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert api["name"] == admin["name"] and api["key"] == "api_keys"
+    assert admin["name"] in (K8S / "kustomization.yaml").read_text()  # the apply instructions name the Secret
+    config = yaml.safe_load(objs["ConfigMap"]["data"]["config.yaml"])
+    assert "public" not in config.get("audit", {}) and "admin_keys" not in config  # keys never in the ConfigMap
+    s = load_settings(config, environ={"ENTROPY_PROXY_ADMIN_KEYS": "from-the-secret"})
+    assert s.admin_keys == ["from-the-secret"] and s.host == "0.0.0.0"

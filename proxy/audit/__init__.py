@@ -19,6 +19,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from proxy.access import Access
 from proxy.audit.routes import make_router
 from proxy.audit.store import AuditStore
 from proxy.audit.writer import AuditWriter
@@ -50,7 +51,7 @@ def install(
     )
     app.state.audit_writer = writer
     hub.add(writer)
-    app.include_router(make_router(writer, list(settings.admin_keys), window=settings.monitors.window))
+    app.include_router(make_router(writer, Access.from_settings(settings), window=settings.monitors.window))
 
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[AuditWriter]:

@@ -9,15 +9,13 @@ stored: it goes to the recognition probe (``app.state.probe.submit_reference``),
 text in the background and records the result in the audit trail. The answer then says ``reference_queued``:
 false when the probe is off, does not know the response any more, or its queue is full.
 
-When ``admin_keys`` is set, both routes need ``Authorization: Bearer <admin key>`` (the page also accepts HTTP
-Basic with the key as password, so a browser can log in). Keys are compared with ``hmac.compare_digest``.
+Who may call them is :class:`proxy.access.Access`: with ``admin_keys`` the page needs an admin key and feedback an
+admin or client key; with ``api_keys`` only, a client key; with neither, loopback clients only unless
+``audit.public`` is set. The page also accepts HTTP Basic with the key as password, so a browser can log in.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 import logging
 import math
 from typing import Any
@@ -27,6 +25,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from monitors.calibration import calibration
+from proxy.access import BASIC_REALM, Access
 from proxy.audit.page import FLAGS, LABEL_CHOICES, render_page
 from proxy.audit.report import Filters, build_report
 from proxy.audit.store import AuditStore
@@ -55,31 +54,6 @@ FEEDBACK_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"
                       "re-scores it as off-policy text (not stored)"},
     },
 }}}}}
-
-
-def _key_ok(presented: str, keys: list[str]) -> bool:
-    ok = False
-    for k in keys:  # compare against every key: the time taken does not say which one matched
-        ok |= hmac.compare_digest(presented.encode(), k.encode())
-    return ok
-
-
-def check_admin(request: Request, keys: list[str], *, allow_basic: bool = False) -> None:
-    if not keys:
-        return
-    auth = request.headers.get("authorization", "")
-    scheme, _, value = auth.partition(" ")
-    value = value.strip()
-    if scheme.lower() == "bearer" and value and _key_ok(value, keys):
-        return
-    if allow_basic and scheme.lower() == "basic" and value:
-        try:
-            _, _, password = base64.b64decode(value, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            password = ""
-        if password and _key_ok(password, keys):
-            return
-    raise Unauthorized("an admin key is required: send Authorization: Bearer <admin key>")
 
 
 def parse_feedback(raw: bytes) -> dict[str, Any]:
@@ -159,14 +133,14 @@ async def _update_metrics(
             m.set_calibration(model, measure, value)
 
 
-def make_router(writer: AuditWriter, admin_keys: list[str], window: int = 2000) -> APIRouter:
+def make_router(writer: AuditWriter, access: Access, window: int = 2000) -> APIRouter:
     router = APIRouter()
     store = writer.store
 
     @router.post("/v1/feedback", openapi_extra=FEEDBACK_BODY, summary="Label an earlier response (CONTRACT §7)")
     async def post_feedback(request: Request) -> Response:
         try:
-            check_admin(request, admin_keys)
+            access.check_label(request)
             raw = await request.body()
             if len(raw) > MAX_FEEDBACK_BYTES:
                 raise BodyTooLarge(f"feedback body over {MAX_FEEDBACK_BYTES} bytes")
@@ -211,9 +185,11 @@ def make_router(writer: AuditWriter, admin_keys: list[str], window: int = 2000) 
     @router.get("/audit", response_class=HTMLResponse)
     async def audit_page(request: Request) -> Response:
         try:
-            check_admin(request, admin_keys, allow_basic=True)
+            access.check_read(request, allow_basic=True)
         except Unauthorized as err:
-            return error_response(err, headers={"WWW-Authenticate": 'Basic realm="entropy-proxy audit"'})
+            return error_response(err, headers={"WWW-Authenticate": BASIC_REALM})
+        except ProxyError as err:
+            return error_response(err)
         qp = request.query_params
         flag = qp.get("flag") or None
         label = qp.get("label") or None
