@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .cli_options import inherit_group_options
 from .settings import SettingsError, load_settings
 
 SHUTDOWN_DEADLINE_S = 30  # on SIGTERM/SIGINT, in-flight streams get this long to finish
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         getattr(mod, attr)(sub)
+    inherit_group_options(p)
     return p
 
 

@@ -39,7 +39,8 @@ def add_parser(subparsers: Any) -> None:
     show.add_argument("id")
     rep = sub.add_parser("report", help="confident-but-wrong first, then calibration and a reliability PNG")
     filters(rep)
-    rep.add_argument("--png", default="reliability.png", help="reliability diagram path ('' to skip)")
+    rep.add_argument("--png", "--out", "-o", dest="png", default=None, metavar="PATH",
+                     help="write the reliability diagram (PNG) to PATH; none is written unless asked")
     rep.add_argument("--window", type=int, default=None, help="use the last N labelled responses")
     exp = sub.add_parser("export", help="every recorded response as JSON lines")
     exp.add_argument("--out", "-o", default="-", help="output file ('-' for stdout)")
@@ -140,6 +141,8 @@ async def _report(store: AuditStore, args: argparse.Namespace) -> int:
             print(f"entropy-proxy: {e}", file=sys.stderr)
             return 1
         print(f"reliability diagram: {Path(path).resolve()}")
+    else:
+        print("reliability diagram: not written (pass --png PATH)")
     return 0
 
 
