@@ -34,12 +34,17 @@ ForkingThreshold = Callable[[str], float]
 @dataclass(slots=True)
 class Annotator:
     thresholds: SummaryThresholds
-    vocab_size: int
+    vocab_size: int  # when the model's own is unknown
     forking_threshold: ForkingThreshold
+    vocab_for: Callable[[str], int] | None = None  # the model's own V (settings.vocab_size_for)
 
-    def estimate(self, pos: Positions) -> tuple[np.ndarray, ...]:
+    def vocab_size_for(self, model: str) -> int:
+        return self.vocab_for(model) if self.vocab_for is not None else self.vocab_size
+
+    def estimate(self, pos: Positions, vocab_size: int | None = None) -> tuple[np.ndarray, ...]:
         est = estimate_positions(
-            pos.logprobs, self.vocab_size, sampled_col=pos.sampled_col, collapsed=pos.collapsed
+            pos.logprobs, self.vocab_size if vocab_size is None else vocab_size,
+            sampled_col=pos.sampled_col, collapsed=pos.collapsed,
         )
         return est.point, est.lower, est.upper, est.tail_mass
 
@@ -115,6 +120,7 @@ class ResponseAnnotator:
         self.ask = ask
         self.k_sent = k_sent
         self.model = model
+        self.vocab_size = annotator.vocab_size_for(model)
         self.request_id = ""
         self.states: dict[int, ChoiceState] = {}
         self.finished: list[Observation] = []
@@ -142,7 +148,7 @@ class ResponseAnnotator:
                 choice["entropy"] = None
                 _trim(self.ask, choice, self.k_sent)
                 continue
-            st.add(pos, self.a.estimate(pos))
+            st.add(pos, self.a.estimate(pos, self.vocab_size))
             st.text.append(_text(self.ask, choice, delta=False))
             _trim(self.ask, choice, self.k_sent)
             choice["entropy"] = self._finish(idx, st, choice.get("finish_reason"), self.ask.detail_tokens, False)
@@ -168,7 +174,7 @@ class ResponseAnnotator:
                 if pos.impossible:
                     st.impossible += pos.impossible
                 elif pos.count or pos.skipped:
-                    est = self.a.estimate(pos)
+                    est = self.a.estimate(pos, self.vocab_size)
                     st.add(pos, est)
                     choice["entropy"] = {"per_token": per_token_list(est[0])}
             _trim(self.ask, choice, self.k_sent)

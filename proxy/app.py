@@ -135,7 +135,7 @@ def create_app(
             return float(monitoring.current_forking_threshold(model))
         return PAPER_FORKING_THRESHOLD
 
-    annotator = Annotator(_thresholds(settings), settings.vocab_size, forking_threshold)
+    annotator = Annotator(_thresholds(settings), settings.vocab_size, forking_threshold, settings.vocab_size_for)
 
     @app.exception_handler(ProxyError)
     async def _proxy_error(request: Request, exc: ProxyError) -> Response:

@@ -265,7 +265,7 @@ class Probe:
                     raise Refused(f"the upstream rejected prompt_logprobs: {msg[:200]}")
             r.raise_for_status()
             return await anyio.to_thread.run_sync(
-                _score_body, r.content, len(prompt_ids), ids, self.settings.vocab_size
+                _score_body, r.content, len(prompt_ids), ids, self.settings.vocab_size_for(model)
             )
         raise Skip("prompt_logprobs limit kept changing")
 
