@@ -36,7 +36,7 @@ log = logging.getLogger("entropy_proxy")
 
 # Optional components, each a module with install(); a missing module is skipped (it is not installed yet).
 # proxy.background runs the shared background sampler; the parts that sample through it come after it.
-COMPONENTS = ("proxy.metrics", "proxy.audit", "proxy.probe", "proxy.background")
+COMPONENTS = ("proxy.metrics", "proxy.audit", "proxy.probe", "proxy.background", "proxy.otel")
 PAPER_FORKING_THRESHOLD = 0.672  # Wang et al. 2025: 80th percentile on Qwen3-8B; used until a window exists
 MAX_DISCOVERED_MODELS = 32
 

@@ -97,6 +97,12 @@ class CanarySettings(_Section):
     max_tokens: int = Field(48, ge=1, le=4096, description="tokens per sample unless a prompt sets its own")
 
 
+class OtelSettings(_Section):
+    """OpenTelemetry export (docs/otel.md); the exporter itself is configured by the standard OTEL_* variables."""
+
+    enabled: bool = Field(False, description="a GenAI span per chat/completions request, exported over OTLP/HTTP")
+
+
 class ModelSettings(_Section):
     """Per-model facts the upstream may not tell (``models.<name>``); unset fields are learnt where possible."""
 
@@ -125,6 +131,7 @@ class Settings(_Section):
     audit: AuditSettings = AuditSettings()
     monitors: MonitorSettings = MonitorSettings()
     probe: ProbeSettings = ProbeSettings()
+    otel: OtelSettings = OtelSettings()
     canary: CanarySettings = CanarySettings()
     otel: OtelSettings = OtelSettings()
 
