@@ -37,6 +37,9 @@ log = logging.getLogger("entropy_proxy")
 # Optional components, each a module with install(); a missing module is skipped (it is not installed yet).
 # proxy.background runs the shared background sampler; the parts that sample through it come after it.
 COMPONENTS = ("proxy.metrics", "proxy.audit", "proxy.probe", "proxy.background", "proxy.otel")
+# vLLM's routes outside /v1 that clients call through the proxy's URL, passed through unchanged (CONTRACT §9);
+# value: whether api_keys apply (health checks and the version carry none, as with vLLM's own --api-key).
+VLLM_ROUTES = {"/tokenize": True, "/detokenize": True, "/version": False, "/health": False, "/ping": False}
 PAPER_FORKING_THRESHOLD = 0.672  # Wang et al. 2025: 80th percentile on Qwen3-8B; used until a window exists
 MAX_DISCOVERED_MODELS = 32
 
@@ -204,7 +207,20 @@ def create_app(
         _check_key(request, settings.api_keys)
         return await _pass_through(request, app.state.upstream, settings)
 
+    for route, keyed in VLLM_ROUTES.items():
+        app.add_api_route(route, _vllm_route(app, settings, keyed), methods=["GET", "POST", "HEAD"],
+                          include_in_schema=False)
+
     return app
+
+
+def _vllm_route(app: FastAPI, settings: Settings, keyed: bool) -> Any:
+    async def route(request: Request) -> Response:
+        if keyed:
+            _check_key(request, settings.api_keys)
+        return await _pass_through(request, app.state.upstream, settings)
+
+    return route
 
 
 async def _pass_through(request: Request, upstream: Upstream, settings: Settings) -> Response:
