@@ -27,6 +27,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.registry import Collector
 
 from . import monitoring as monitoring_mod
+from .baselines import export as baseline_export
 from .monitoring import STATES, Monitoring
 from .observe import Observation, RequestEvent
 from .settings import Settings
@@ -117,6 +118,7 @@ class _MonitorCollector(Collector):
             f"{NS}_token_entropy_nats", "Per-token entropy (nats) of generated tokens.",
             labels=["model", "token_class"])]
         fams += [drift, collapse, diversity, recog, calib, state, ceiling]
+        fams += baseline_export.families(m.monitoring, with_samples)  # baselines, fixed-threshold forking counts
         if not with_samples:
             return fams
         mon = m.monitoring

@@ -14,7 +14,7 @@ from .synthetic import formatted, observation, token_entropies
 
 def _setup(models: list[str] | None = None) -> tuple[FastAPI, ObserverHub, CollectorRegistry]:
     s = load_settings({"upstream": "http://u", "models": models or ["m1", "m2"], "monitors.window": 50,
-                       "monitors.baseline": 1_000}, environ={})
+                       "monitors.baseline": 1_000, "monitors.baseline_responses": 20}, environ={})
     app, hub, reg = FastAPI(), ObserverHub(), CollectorRegistry()
     cm = metrics_mod.install(app, s, hub, reg)
     assert cm is not None
@@ -122,6 +122,7 @@ async def test_http_routes() -> None:
     rng = np.random.default_rng(2)
     for _ in range(20):
         hub.observe(observation(token_entropies(rng), formatted(rng, "list"), model="m1"))
+    app.state.monitoring.process_pending()  # the warm-up finishes once the text readings cover it
     async with app.state.monitoring.running(), AsyncClient(
         transport=ASGITransport(app=app), base_url="http://t"
     ) as c:

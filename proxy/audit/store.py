@@ -54,8 +54,14 @@ responses = sa.Table(
     sa.Column("tokens", sa.Text),  # JSON list of token strings: only with store_text
     sa.Column("prompt", sa.Text),  # JSON of the prompt/messages: only with store_text
     sa.Column("completion", sa.Text),  # only with store_text
+    # Version 3, set later by proxy.semantic for shadow-sampled responses (NULL for the others):
+    sa.Column("semantic_entropy", sa.Float),  # nats, likelihood-weighted, over the shadow samples' meanings
+    sa.Column("semantic_entropy_discrete", sa.Float),  # nats, by cluster sizes
+    sa.Column("semantic_samples", sa.Integer),
+    sa.Column("semantic_clusters", sa.Text),  # JSON list of clusters; their answers' text only with store_text
     sa.UniqueConstraint("response_id", "choice_index", name="uq_audit_response_choice"),
 )
+SEMANTIC_COLUMNS = ("semantic_entropy", "semantic_entropy_discrete", "semantic_samples", "semantic_clusters")
 sa.Index("ix_audit_responses_created", responses.c.created)
 sa.Index("ix_audit_responses_model_created", responses.c.model, responses.c.created)
 
@@ -95,7 +101,33 @@ probe_results = sa.Table(
 sa.Index("ix_audit_probe_results_response", probe_results.c.response_id)
 sa.Index("ix_audit_probe_results_model_created", probe_results.c.model, probe_results.c.created)
 
+# Baselines per (model, revision) (proxy.baselines): one row per source ("auto": written once by the first replica
+# to finish the warm-up, insert-if-absent; "pinned": by an operator, replaced on re-pin). `data` is the baseline's
+# JSON (proxy.baselines.model.Baseline.to_dict): measures and histogram counts, no text.
+baselines = sa.Table(
+    "baselines",
+    metadata,
+    sa.Column("model", sa.String(255), primary_key=True),
+    sa.Column("revision", sa.String(255), primary_key=True),
+    sa.Column("source", sa.String(16), primary_key=True),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("tokens", sa.Integer, nullable=False),
+    sa.Column("responses", sa.Integer, nullable=False),
+    sa.Column("data", sa.Text, nullable=False),
+)
+
 Step = str | Callable[[sa.Connection], None]
+
+
+def _add_columns(table: sa.Table, names: Sequence[str]) -> Callable[[sa.Connection], None]:
+    def step(conn: sa.Connection) -> None:
+        have = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
+        for name in names:
+            if name not in have:
+                col = table.c[name]
+                conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {name} {col.type.compile(conn.dialect)}"))
+
+    return step
 
 
 def _create(*tables: sa.Table) -> Callable[[sa.Connection], None]:
@@ -112,10 +144,11 @@ MIGRATIONS: dict[int, list[Step]] = {
     2: [_create(probe_results)],
     # Version 3 (second version): model-revision baselines, canary rounds, semantic entropy on audit records.
     # Each part appends its own step here; new tables need only _create(...), new columns an ALTER TABLE.
-    3: [],
+    3: [_create(baselines), _add_columns(responses, SEMANTIC_COLUMNS)],
 }
 
-JSON_COLUMNS = ("summary", "entropies", "token_probs", "alt_probs", "alt_tokens", "tokens", "prompt")
+JSON_COLUMNS = ("summary", "entropies", "token_probs", "alt_probs", "alt_tokens", "tokens", "prompt",
+                "semantic_clusters")
 LABELS = ("correct", "incorrect", "unlabelled")
 
 
@@ -342,6 +375,35 @@ class AuditStore:
             q = q.limit(limit)
         async with self._conn().connect() as conn:
             return [(float(c), bool(ok)) for c, ok in await conn.execute(q)]
+
+    async def labelled_scores(self, *, model: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """(confidence, mean_entropy, semantic_entropy, correct) of labelled responses, most recently labelled
+        first, for ranking the scores by AUROC (semantic_entropy is None where the response was not sampled)."""
+        r = responses.c
+        q = (
+            sa.select(r.confidence, r.mean_entropy, r.semantic_entropy, feedback.c.correct)
+            .select_from(responses.join(feedback, feedback.c.response_id == r.response_id))
+            .order_by(feedback.c.created.desc())
+        )
+        if model:
+            q = q.where(r.model == model)
+        if limit is not None:
+            q = q.limit(limit)
+        async with self._conn().connect() as conn:
+            return [dict(row._mapping) for row in await conn.execute(q)]
+
+    async def set_semantic(self, response_id: str, choice_index: int, values: dict[str, Any],
+                           flag: str | None = None) -> int:
+        """Write a stored response's semantic-entropy columns (``SEMANTIC_COLUMNS``; the clusters as JSON) and
+        add ``flag`` to its flags; returns the rows updated (0 when the response is not stored)."""
+        vals = {k: (_dumps(v) if k == "semantic_clusters" else v) for k, v in values.items() if k in SEMANTIC_COLUMNS}
+        where = (responses.c.response_id == response_id) & (responses.c.choice_index == choice_index)
+        async with self._conn().begin() as conn:
+            n = (await conn.execute(sa.update(responses).where(where).values(**vals))).rowcount
+            if flag:
+                await conn.execute(sa.update(responses).where(where & ~responses.c.flags.like(f"%,{flag},%"))
+                                   .values(flags=responses.c.flags + f"{flag},"))
+        return int(n or 0)
 
     async def models(self) -> list[str]:
         q = sa.select(responses.c.model).distinct().order_by(responses.c.model)
