@@ -258,11 +258,14 @@ def probe_result(rid: str, *, ratio: float | None = 0.8, on: float = 2.0, create
 async def _v1_store(url: str) -> None:
     """A store as version 1 of this code left it: responses, labels, schema_version = 1 and one labelled row.
 
-    The two v1 tables are unchanged in v2, so their current definitions are the v1 ones."""
-    from proxy.audit.store import feedback, responses
+    The two v1 tables are unchanged in v2, so their current definitions are the v1 ones, less the columns that
+    version 3 added to the responses."""
+    from proxy.audit.store import SEMANTIC_COLUMNS, feedback, responses
 
     v1 = sa.MetaData()
-    tables = [t.to_metadata(v1) for t in (schema_version, responses, feedback)]
+    v1_responses = sa.Table(responses.name, v1, *(c._copy() for c in responses.c if c.name not in SEMANTIC_COLUMNS),
+                            sa.UniqueConstraint("response_id", "choice_index", name="uq_audit_response_choice"))
+    tables = [schema_version.to_metadata(v1), v1_responses, feedback.to_metadata(v1)]
     s = AuditStore(url)
     s.engine = s._make_engine()
     async with s.engine.begin() as conn:
@@ -291,8 +294,20 @@ async def test_migration_from_a_v1_store(store_url: str) -> None:
         assert probe_results.name in names
         assert {"ix_audit_probe_results_response", "ix_audit_probe_results_model_created"} <= indexes
         assert {"ratio", "selfcheck_abs_diff", "on_input_surprise", "off_input_surprise"} <= columns
+        from proxy.audit.store import SEMANTIC_COLUMNS, responses
+
+        async with s.engine.connect() as conn:
+            rcols = await conn.run_sync(lambda c: {x["name"] for x in sa.inspect(c).get_columns(responses.name)})
+        assert set(SEMANTIC_COLUMNS) <= rcols  # version 3 added them to the v1 table
         (old,) = await s.get("v1-old")  # v1 data survives, label and all
         assert old["correct"] is False and old["note"] == "from v1"
+        assert old["semantic_entropy"] is None and old["semantic_clusters"] is None
+        clusters = [{"size": 3, "probability": 1.0, "original": True}]
+        assert await s.set_semantic("v1-old", 0, {"semantic_entropy": 0.0, "semantic_samples": 3,
+                                                  "semantic_clusters": clusters}, flag="confident_inconsistent") == 1
+        (old,) = await s.get("v1-old")
+        assert old["semantic_entropy"] == 0.0 and old["semantic_clusters"] == clusters
+        assert "confident_inconsistent" in old["flags"]
         from proxy.audit.writer import probe_record
 
         await s.insert_batch([], [probe_record(probe_result("v1-old", ratio=0.5))])
