@@ -238,3 +238,26 @@ async def test_metrics_count_tokens_and_refusals() -> None:
     text = generate_latest(reg).decode()
     assert 'entropy_proxy_background_tokens_total{purpose="canary"} 50.0' in text
     assert 'entropy_proxy_background_refused_total{purpose="canary"} 1.0' in text
+
+
+async def test_post_charges_usage_or_the_reservation_and_never_raises() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if request.url.path == "/tokenize":
+            return httpx.Response(200, json={"tokens": [1, 2, 3]})
+        if request.url.path == "/broken":
+            raise httpx.ReadTimeout("slow")
+        return httpx.Response(200, json={"choices": [{}], "usage": {"prompt_tokens": 30, "total_tokens": 31}})
+
+    client = httpx.AsyncClient(base_url="http://u.test", transport=httpx.MockTransport(handler))
+    s = BackgroundSampler(client, SETTINGS)
+    s.add_purpose("canary", 100)
+    assert (await s.post("canary", "/tokenize", {"prompt": "x"}, 0)) == {"tokens": [1, 2, 3]}
+    assert await s.post("canary", "/v1/completions", {"prompt": [1]}, 40) is not None
+    assert await s.post("canary", "/broken", {}, 20) is None
+    assert await s.post("canary", "/v1/completions", {"prompt": [1]}, 60) is None  # 31 + 20 + 60 > 100
+    st = s.stats()["canary"]
+    assert st["tokens_total"] == 31 + 20 and st["errors"] == 1 and st["refused"] == 1
+    assert seen == ["/tokenize", "/v1/completions", "/broken"]

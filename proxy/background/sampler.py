@@ -183,6 +183,38 @@ class BackgroundSampler:
             p.reserved -= worst
             self._charge(p, charged)
 
+    async def post(self, purpose: str, path: str, body: dict[str, Any], worst: int) -> dict[str, Any] | None:
+        """POST ``body`` to another upstream route (``/tokenize``, ``/v1/completions`` for re-scoring) under
+        ``purpose``'s budget, ``worst`` tokens reserved (0 for a route that generates nothing). Charged the
+        answer's ``usage.total_tokens`` when it has one, else ``worst``. Same error contract as :meth:`chat`."""
+        p = self.purposes[purpose]
+        if not self._reserve(purpose, worst):
+            return None
+        charged = 0
+        headers = {**request_headers((), self.settings, annotated=False), "Content-Type": "application/json"}
+        try:
+            async with self._limiter:
+                p.requests += 1
+                r = await self._client().post(path, content=orjson.dumps(body), headers=headers)
+            data = _loads(r.content) if r.status_code == 200 else None
+            if not isinstance(data, dict):
+                p.errors += 1
+                log.debug("background %s %s answered %s: %s", purpose, path, r.status_code, r.content[:200])
+                charged = worst if r.status_code == 200 else 0
+                return None
+            usage = data.get("usage")
+            total = usage.get("total_tokens") if isinstance(usage, dict) else None
+            charged = total if isinstance(total, int) and total >= 0 else worst
+            return data
+        except httpx.HTTPError as e:
+            charged = worst if isinstance(e, (httpx.TimeoutException, httpx.NetworkError)) else 0
+            p.errors += 1
+            log.debug("background %s %s failed: %r", purpose, path, e)
+            return None
+        finally:
+            p.reserved -= worst
+            self._charge(p, charged)
+
     async def _send(self, body: dict[str, Any], worst: int) -> tuple[dict[str, Any] | None, int]:
         headers = {**request_headers((), self.settings, annotated=False), "Content-Type": "application/json"}
         for _ in range(2):
