@@ -1,4 +1,5 @@
-"""``entropy-proxy baseline save|load|show FILE``: drift baselines as small JSON files.
+"""``entropy-proxy baseline save|load|show FILE``: drift baselines as small JSON files; ``pin|unpin|list|show
+--model`` work on the baselines per (model, revision) in the shared store (:mod:`proxy.baselines.cli`).
 
 - ``save FILE``: fetch the running proxy's current baselines (``GET /v1/entropy/baseline`` at ``--url``) and write
   them to FILE;
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .baselines import cli as store_cli
 from .monitoring import validate_baseline
 
 
@@ -91,16 +93,18 @@ def _load(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("baseline", help="save, load or show drift baselines")
+    p = subparsers.add_parser("baseline", help="baselines: pin, list, show (shared store); save, load (files)")
     sub = p.add_subparsers(dest="baseline_command", required=True)
     s = sub.add_parser("save", help="fetch the running proxy's baselines into FILE")
     s.add_argument("file", metavar="FILE")
     s.add_argument("--url", default="http://127.0.0.1:8080", help="the running proxy")
     s.add_argument("--api-key", default=None, help="a key of the proxy's api_keys/admin_keys, if set")
     s.set_defaults(func=_save)
-    sh = sub.add_parser("show", help="print a saved baseline file")
-    sh.add_argument("file", metavar="FILE")
-    sh.set_defaults(func=_show)
+    sh = sub.add_parser("show", help="print a saved baseline file, or (--model) a baseline of the shared store")
+    sh.add_argument("file", metavar="FILE", nargs="?")
+    store_cli.add_store_options(sh)
+    sh.set_defaults(func=lambda args: store_cli.show(args, _show))
     ld = sub.add_parser("load", help="check a baseline file and print how to use it")
     ld.add_argument("file", metavar="FILE")
     ld.set_defaults(func=_load)
+    store_cli.add_parsers(sub)
