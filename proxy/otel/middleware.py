@@ -35,7 +35,7 @@ log = logging.getLogger("entropy_proxy.otel")
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 FEEDBACK_PATH = "/v1/feedback"
 MAX_KEPT_BODY = 1024 * 1024  # request bytes kept for the span's request attributes; past this only the model
-USAGE_MARK = b'"usage":{'
+USAGE_MARK = b'"usage"'
 
 
 @dataclass(slots=True)
@@ -54,7 +54,7 @@ class RequestRecord:
     streamed: bool = False
     first_chunk_s: float | None = None
     head: bytes = b""  # the first non-empty response chunk
-    usage_chunk: bytes = b""  # the last chunk that carried a usage object
+    usage_chunk: bytes = b""  # the last chunk that named usage (a stream's usage chunk comes last)
     response: list[bytes] = field(default_factory=list)  # non-streaming: the whole body
     observations: list[Observation] = field(default_factory=list)
     event: RequestEvent | None = None

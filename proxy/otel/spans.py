@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
-from .middleware import MAX_KEPT_BODY, RequestRecord
+from .middleware import MAX_KEPT_BODY, USAGE_MARK, RequestRecord
 
 log = logging.getLogger("entropy_proxy.otel")
 
@@ -46,9 +46,9 @@ ENTROPY_EVALUATIONS: tuple[tuple[str, str, str], ...] = (
     ("confidence", "confidence", "geometric-mean probability of the sampled tokens"),
     ("forking_fraction", "forking_fraction", "fraction of tokens above the forking-entropy threshold"),
 )
-_MODEL = re.compile(rb'"model":"((?:[^"\\]|\\.)*)"')
-_PROMPT_TOKENS = re.compile(rb'"prompt_tokens":(\d+)')
-_COMPLETION_TOKENS = re.compile(rb'"completion_tokens":(\d+)')
+_MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
 class PresetIds(IdGenerator):
@@ -104,7 +104,7 @@ def _first_event(chunk: bytes) -> Any:
 
 
 def _usage(blob: bytes) -> tuple[int | None, int | None]:
-    at = blob.rfind(b'"usage":{')
+    at = blob.rfind(USAGE_MARK)
     if at < 0:
         return None, None
     tail = blob[at:at + 512]
