@@ -137,3 +137,40 @@ def mean_logprob(token_logprobs: ArrayLike) -> float:
 def max_entropy(n: int) -> float:
     """log N: the semantic entropy of N answers that all differ in meaning."""
     return math.log(n) if n > 0 else 0.0
+
+
+def auroc_wrong(score: ArrayLike, wrong: ArrayLike) -> float | None:
+    """AUROC of ``score`` for telling wrong answers (``wrong`` true) from right ones, ties counted one half.
+
+    The Mann-Whitney U of the wrong answers' scores over n_wrong * n_right: 0.5 is chance, 1 ranks every wrong
+    answer above every right one. ``None`` without both classes.
+    """
+    s = np.asarray(score, dtype=np.float64).reshape(-1)
+    w = np.asarray(wrong, dtype=bool).reshape(-1)
+    if s.shape != w.shape:
+        raise ValueError(f"{s.size} scores for {w.size} labels")
+    n_pos = int(w.sum())
+    n_neg = int(s.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(s, kind="mergesort")
+    xs = s[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    lengths = np.diff(np.r_[starts, xs.size])
+    ranks = np.empty(s.size, dtype=np.float64)
+    ranks[order] = np.repeat(starts + (lengths + 1) / 2.0, lengths)
+    return float((ranks[w].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def rank_scores(
+    scores: dict[str, Sequence[float | None]], correct: Sequence[bool]
+) -> list[tuple[str, float | None, int]]:
+    """(name, AUROC for wrong answers, responses used) per score, best first; each score over the responses where
+    it exists (semantic entropy only where a response was shadow-sampled). Higher score = more likely wrong."""
+    wrong = np.asarray([not c for c in correct], dtype=bool)
+    out: list[tuple[str, float | None, int]] = []
+    for name, values in scores.items():
+        have = np.asarray([v is not None and math.isfinite(v) for v in values], dtype=bool)
+        vals = np.asarray([v if v is not None else np.nan for v in values], dtype=np.float64)
+        out.append((name, auroc_wrong(vals[have], wrong[have]), int(have.sum())))
+    return sorted(out, key=lambda t: -1.0 if t[1] is None else t[1], reverse=True)

@@ -36,7 +36,8 @@ log = logging.getLogger("entropy_proxy")
 
 # Optional components, each a module with install(); a missing module is skipped (it is not installed yet).
 # proxy.background runs the shared background sampler; the parts that sample through it come after it.
-COMPONENTS = ("proxy.metrics", "proxy.audit", "proxy.baselines", "proxy.probe", "proxy.background", "proxy.otel")
+COMPONENTS = ("proxy.metrics", "proxy.audit", "proxy.baselines", "proxy.probe", "proxy.semantic", "proxy.background",
+              "proxy.canary", "proxy.otel")
 # vLLM's routes outside /v1 that clients call through the proxy's URL, passed through unchanged (CONTRACT §9);
 # value: whether api_keys apply (health checks and the version carry none, as with vLLM's own --api-key).
 VLLM_ROUTES = {"/tokenize": True, "/detokenize": True, "/version": False, "/health": False, "/ping": False}

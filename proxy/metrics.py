@@ -38,6 +38,7 @@ RESPONSE_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.
 PROB_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 FRACTION_BUCKETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.75)
 OVERHEAD_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+SEMANTIC_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)  # log 5 = 1.61, log 32 = 3.47
 
 ENDPOINTS = frozenset({"chat", "completions"})
 FLAGS = ("confident", "uncertain", "forking_heavy", "truncated_tail")
@@ -171,6 +172,9 @@ class Metrics:
         )
         self.audit_dropped_total = Counter(f"{NS}_audit_dropped_total", "Audit records not written.", ["reason"],
                                            registry=r)
+        self.semantic_entropy = Histogram(f"{NS}_semantic_entropy_nats", "Semantic entropy (nats) of shadow-sampled "
+                                          "responses: entropy over the meanings of their samples.", ["model"],
+                                          buckets=SEMANTIC_BUCKETS, registry=r)
         self.token_hist = TokenHistogram()
         self.recognition: dict[str, float] = {}
         self.calibration: dict[tuple[str, str], float] = {}
@@ -236,6 +240,9 @@ class Metrics:
             self.confident_wrong_total.labels(label).inc()
         if mean_entropy is not None and self.monitoring is not None:
             self.monitoring.feedback(model, mean_entropy, float(correct) if score is None else score)
+
+    def observe_semantic(self, model: str, nats: float) -> None:
+        self.semantic_entropy.labels(self.model_label(model)).observe(max(0.0, float(nats)))
 
     def audit_dropped(self, reason: str, n: int = 1) -> None:
         self.audit_dropped_total.labels(_pick(reason, AUDIT_DROP_REASONS)).inc(n)

@@ -125,3 +125,21 @@ def test_bounds_and_permutation(ids: list[int], data: st.DataObject) -> None:
     assert discrete_semantic_entropy([ids[i] for i in perm]) == pytest.approx(discrete_semantic_entropy(ids))
     assert semantic_entropy([ids[i] for i in perm], [lps[i] for i in perm]) == pytest.approx(
         semantic_entropy(ids, lps))
+
+
+def test_auroc_wrong_and_ranking() -> None:
+    from monitors.calibration import auroc
+    from monitors.semantic import auroc_wrong, rank_scores
+
+    rng = np.random.default_rng(3)
+    conf = rng.uniform(0, 1, 200).round(2)  # ties on purpose
+    correct = rng.uniform(0, 1, 200) < conf
+    # The calibration AUROC of confidence for correctness is the AUROC of 1 - confidence for wrong answers.
+    assert auroc_wrong(1 - conf, ~correct) == pytest.approx(auroc(conf, correct.astype(float)))
+    assert auroc_wrong([0.1, 0.9], [False, True]) == 1.0
+    assert auroc_wrong([0.5, 0.5], [False, True]) == 0.5
+    assert auroc_wrong([1.0, 2.0], [True, True]) is None
+    se: list[float | None] = [None if i % 2 else float(not c) for i, c in enumerate(correct)]
+    ranked = rank_scores({"1 - confidence": list(1 - conf), "semantic entropy": se}, list(correct))
+    assert [r[0] for r in ranked] == ["semantic entropy", "1 - confidence"]  # the perfect one first
+    assert ranked[0][1:] == (1.0, 100)

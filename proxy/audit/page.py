@@ -5,8 +5,8 @@ shaded by its entropy (white at 0 nats, full red at ``SHADE_MAX`` nats and above
 sampled token's probability and the top alternatives (``title`` plus a CSS tooltip from ``data-tip``). Without
 ``store_text`` the token strings are not stored, so positions render as ``·`` with the same shading and numbers.
 
-The ``#state`` section shows each model's diagnosed entropy state (``healthy | recognition | collapse | drift``)
-with the evidence behind it, and the recognition probe's stored results per model; a response the probe re-scored
+The ``#state`` section shows each model's diagnosed entropy state (``healthy | recognition | collapse | drift``, or
+``unknown`` while a baseline or a window's volume is missing) with the evidence behind it, and the recognition probe's stored results per model; a response the probe re-scored
 carries its ratio and self-check (``.probe``).
 """
 
@@ -19,10 +19,11 @@ from urllib.parse import urlencode
 
 from monitors.calibration import ReliabilityBin
 from proxy.audit.report import Report, fmt, label_of, probe_text, when
+from proxy.semantic.render import ranking_html, semantic_html
 
 SHADE_MAX = 3.0  # nats at which the shading saturates
 MAX_TOKENS_SHOWN = 4000
-FLAGS = ("confident", "uncertain", "forking_heavy", "truncated_tail")
+FLAGS = ("confident", "uncertain", "forking_heavy", "truncated_tail", "confident_inconsistent")
 LABEL_CHOICES = ("correct", "incorrect", "unlabelled")
 
 CSS = """
@@ -46,6 +47,7 @@ table.cal td{padding:2px 12px 2px 0}.muted{color:#6b7280}
 .state-healthy{background:#15803d}.state-recognition{background:#1d4ed8}.state-collapse{background:#b91c1c}
 .state-drift{background:#b45309}.model-state{margin:4px 0 10px}.model-state ul{margin:2px 0 0 18px;padding:0}
 .probe{font-size:12px;color:#1e3a8a;margin-bottom:4px}
+.semantic{font-size:12px;color:#3f3f46;margin-top:4px}.semantic ul{margin:2px 0 0 18px;padding:0}
 .legend{display:inline-block;width:160px;height:10px;vertical-align:middle;
  background:linear-gradient(to right,rgba(220,38,38,0.03),rgba(220,38,38,0.85))}
 """
@@ -105,7 +107,8 @@ def render_response(r: dict[str, Any], css_class: str = "resp") -> str:
         f' · {when(r["created"])} UTC · {escape(r["model"])} · {escape(r["endpoint"])} · {flags}'
         f' · mean {fmt(r["mean_entropy"])} nats · confidence {fmt(r["confidence"])}'
         f' · <span class="label-{label}">{label}</span>{note}</div>'
-        f'{prompt}{_probe_lines(r.get("probe") or [])}<div class="tokens">{render_tokens(r)}</div></div>'
+        f'{prompt}{_probe_lines(r.get("probe") or [])}<div class="tokens">{render_tokens(r)}</div>'
+        f"{semantic_html(r)}</div>"
     )
 
 
@@ -218,7 +221,7 @@ def render_page(report: Report) -> str:
 {wrong or '<p class="muted">No response flagged confident has been labelled incorrect.</p>'}</section>
 <section id="calibration"><h2>Calibration of confidence against feedback</h2>
 <div style="display:flex;gap:24px;align-items:flex-start"><table class="cal">{cal_table}</table>
-{reliability_svg(cal.bins)}</div></section>
+{reliability_svg(cal.bins)}</div>{ranking_html(report.scores)}</section>
 <section id="responses"><h2>Recorded responses ({len(report.responses)} shown, most recent first)</h2>
 {rest or '<p class="muted">Nothing recorded for these filters.</p>'}</section>
 </main></body></html>

@@ -19,6 +19,7 @@ from typing import Any
 
 from monitors.calibration import Calibration, ReliabilityBin, calibration
 from proxy.audit.store import AuditStore
+from proxy.semantic.render import ranking_lines, score_ranking
 
 
 @dataclass(slots=True)
@@ -40,6 +41,8 @@ class Report:
     probe_summary: list[dict[str, Any]] = field(default_factory=list)  # per model, over the stored probe results
     probe_recent: list[dict[str, Any]] = field(default_factory=list)  # the latest stored probe results
     states: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> monitoring status (state, diagnosis)
+    # (score, AUROC for wrong answers, responses used), best first: confidence, mean entropy, semantic entropy
+    scores: list[tuple[str, float | None, int]] = field(default_factory=list)
 
 
 async def build_report(
@@ -70,6 +73,7 @@ async def build_report(
         probe_summary=await store.probe_summary(model=f.model),
         probe_recent=await store.recent_probe_results(model=f.model, limit=min(f.limit, 20)),
         states=dict(states or {}),
+        scores=score_ranking(await store.labelled_scores(model=f.model, limit=window)),
     )
 
 
@@ -138,6 +142,8 @@ def text_report(report: Report) -> str:
     out += ["  " + one_line(r) for r in report.confident_wrong] or ["  none"]
     out += ["", "Calibration of confidence against feedback:"]
     out += ["  " + line for line in calibration_lines(report.calibration)]
+    out += ["", "Scores ranked by AUROC for telling wrong answers from right ones:"]
+    out += ["  " + line for line in ranking_lines(report.scores)]
     out += ["", "Reliability (bin: count, mean confidence, accuracy):"]
     for b in report.calibration.bins:
         if b.count:
