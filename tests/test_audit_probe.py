@@ -230,7 +230,7 @@ async def test_whole_proxy_reference_to_row_to_page_and_cli(tmp_path: Path, caps
         page = (await c.get("/audit")).text
     state = re.search(r'<div class="model-state" data-model="([^"]+)" data-state="([^"]+)"', page)
     assert state is not None and state.groups() == (MODEL, status["state"])
-    assert status["state"] in ("healthy", "recognition", "collapse", "drift")
+    assert status["state"] in ("healthy", "recognition", "collapse", "drift", "unknown")
     section = page.split('id="state"')[1].split('id="confident-wrong"')[0]
     assert status["diagnosis"]
     for reason in status["diagnosis"]:

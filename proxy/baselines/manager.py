@@ -103,7 +103,8 @@ class BaselineManager:
             else:
                 lv.revision, lv.settled = rev, settled
 
-    async def _write_pending(self) -> None:
+    async def _write_pending(self) -> bool:
+        """Write finished warm-ups; False when the store failed (they stay pending, used locally meanwhile)."""
         while self._pending:
             model, b = self._pending[0]
             if self.store is None:
@@ -118,8 +119,9 @@ class BaselineManager:
             except Exception as e:  # noqa: BLE001 - used locally meanwhile, written at a later poll
                 self.last_error = f"{type(e).__name__}: {e}".splitlines()[0]
                 self._use_locally(model, b)
-                return
+                return False
             self._pending.popleft()
+        return True
 
     def _use_locally(self, model: str, b: Baseline) -> None:
         mm = self.monitoring.models.get(model) if self.monitoring is not None else None
@@ -157,10 +159,11 @@ class BaselineManager:
         try:
             await self.refresh_revisions()
             self._follow_revisions()
-            await self._write_pending()
+            written = await self._write_pending()
             await self._reload()
             self.last_sync = time.time()
-            self.last_error = None
+            if written:
+                self.last_error = None
         except Exception as e:  # noqa: BLE001 - the proxy serves on; the next poll retries
             self.last_error = f"{type(e).__name__}: {e}".splitlines()[0]
             log.warning("baselines: %s", self.last_error)
@@ -171,7 +174,8 @@ class BaselineManager:
         next_poll = time.monotonic() + poll
         while True:
             await anyio.sleep(tick)
-            if self._pending or time.monotonic() >= next_poll:
+            # A finished warm-up is written at once; after a failed write it waits for the next poll.
+            if (self._pending and self.last_error is None) or time.monotonic() >= next_poll:
                 await self.sync()
                 next_poll = time.monotonic() + poll
 
