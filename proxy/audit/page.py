@@ -6,8 +6,8 @@ sampled token's probability and the top alternatives (``title`` plus a CSS toolt
 ``store_text`` the token strings are not stored, so positions render as ``·`` with the same shading and numbers.
 
 The ``#state`` section shows each model's diagnosed entropy state (``healthy | recognition | collapse | drift``, or
-``unknown`` while a baseline or a window's volume is missing) with the evidence behind it, and the recognition probe's stored results per model; a response the probe re-scored
-carries its ratio and self-check (``.probe``).
+``unknown`` while a baseline or a window's volume is missing) with the evidence behind it, and the recognition
+probe's stored results per model; a response the probe re-scored carries its ratio and self-check (``.probe``).
 """
 
 from __future__ import annotations
