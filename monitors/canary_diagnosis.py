@@ -37,6 +37,7 @@ Every rule is this project's proposal built on RESEARCH sections 2-5 and 7, not 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -224,7 +225,8 @@ def compare(
     # Each test: (measure, prompt columns used, estimate function over a (B, P') index array -> (B,) values,
     # and whether it is on the log scale).
     tests: list[tuple[str, NDArray[np.int64], Any, bool]] = []
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of a prompt no round measured: NaN, dropped below
         for m in (*SCALAR_MEASURES, "pass_1", "pass_k"):
             c = np.nanmean(_matrix(current, ids, m, k), axis=0)
             b = np.nanmean(_matrix(baseline, ids, m, k), axis=0)
@@ -266,7 +268,8 @@ def compare(
     for name, cols, fn, log_scale in tests:
         p = int(cols.size)
         full = np.arange(p)[None, :]
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             cur_v, base_v = (float(x[0]) for x in fn(full))
             boots = rng.integers(0, p, size=(n_boot, p))
             bc, bb = fn(boots)

@@ -133,7 +133,8 @@ async def test_the_upstreams_logprobs_limit_is_learnt() -> None:
 
 
 @pytest.mark.parametrize("fail, charged", [
-    (httpx.ConnectError("refused"), "worst"), (httpx.ReadTimeout("slow"), "worst"), (500, 0), (400, 0),
+    (httpx.ConnectError("refused"), 0), (httpx.ReadTimeout("slow"), "worst"), (httpx.ReadError("reset"), "worst"),
+    (500, 0), (400, 0),
     (b"not json", "worst"), (b'{"choices": "no"}', "worst"),
 ])
 async def test_upstream_errors_return_none_and_are_counted(fail: Any, charged: Any) -> None:

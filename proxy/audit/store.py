@@ -116,6 +116,26 @@ baselines = sa.Table(
     sa.Column("data", sa.Text, nullable=False),
 )
 
+# Canary rounds per (model, revision) (proxy.canary): `measures` the round's values, `data` the per-prompt numbers
+# (monitors.canary.PromptRound), `verdict` the comparison with the revision's baseline rounds. Numbers only.
+canary_rounds = sa.Table(
+    "canary_rounds",
+    metadata,
+    sa.Column("pk", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model", sa.String(255), nullable=False),
+    sa.Column("revision", sa.String(255), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("temperature", sa.Float, nullable=False),
+    sa.Column("samples", sa.Integer, nullable=False),
+    sa.Column("prompts", sa.Integer, nullable=False),
+    sa.Column("tokens", sa.Integer, nullable=False),
+    sa.Column("complete", sa.Boolean, nullable=False),
+    sa.Column("measures", sa.Text, nullable=False),
+    sa.Column("data", sa.Text, nullable=False),
+    sa.Column("verdict", sa.Text),
+)
+sa.Index("ix_canary_rounds_model_revision", canary_rounds.c.model, canary_rounds.c.revision, canary_rounds.c.created)
+
 Step = str | Callable[[sa.Connection], None]
 
 
@@ -144,7 +164,7 @@ MIGRATIONS: dict[int, list[Step]] = {
     2: [_create(probe_results)],
     # Version 3 (second version): model-revision baselines, canary rounds, semantic entropy on audit records.
     # Each part appends its own step here; new tables need only _create(...), new columns an ALTER TABLE.
-    3: [_create(baselines), _add_columns(responses, SEMANTIC_COLUMNS)],
+    3: [_create(baselines), _add_columns(responses, SEMANTIC_COLUMNS), _create(canary_rounds)],
 }
 
 JSON_COLUMNS = ("summary", "entropies", "token_probs", "alt_probs", "alt_tokens", "tokens", "prompt",

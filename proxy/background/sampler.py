@@ -145,6 +145,10 @@ class BackgroundSampler:
             p.ledger.append((self.clock(), tokens))
             p.tokens_total += tokens
 
+    def logprobs_k(self) -> int:
+        """The logprobs count to ask for: the proxy's K, or the upstream's limit once learnt."""
+        return self._k() if self._k_max is None else min(self._k(), self._k_max)
+
     # -- requests --------------------------------------------------------------------------------------------------
     async def chat(self, purpose: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """POST ``body`` to the upstream's ``/v1/chat/completions`` under ``purpose``'s budget.
@@ -158,7 +162,7 @@ class BackgroundSampler:
         body.setdefault("stream", False)
         if "logprobs" not in body:
             body["logprobs"] = True
-            body["top_logprobs"] = self._k() if self._k_max is None else min(self._k(), self._k_max)
+            body["top_logprobs"] = self.logprobs_k()
         worst = self.worst_case(body)  # also fixes max_tokens in the body when it named none
         if not self._reserve(purpose, worst):
             return None
@@ -171,7 +175,7 @@ class BackgroundSampler:
                 p.errors += 1
             return data
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as e:
-            charged = worst  # the upstream may have generated before the connection went
+            charged = _spent(e, worst)
             p.errors += 1
             log.debug("background %s request failed: %r", purpose, e)
             return None
@@ -207,7 +211,7 @@ class BackgroundSampler:
             charged = total if isinstance(total, int) and total >= 0 else worst
             return data
         except httpx.HTTPError as e:
-            charged = worst if isinstance(e, (httpx.TimeoutException, httpx.NetworkError)) else 0
+            charged = _spent(e, worst)
             p.errors += 1
             log.debug("background %s %s failed: %r", purpose, path, e)
             return None
@@ -300,6 +304,14 @@ class BackgroundSampler:
     def status(self) -> dict[str, Any]:
         return {"running": self.running_now, "concurrency": self.concurrency, "pending": self.pending,
                 "purposes": self.stats()}
+
+
+def _spent(e: httpx.HTTPError, worst: int) -> int:
+    """Tokens to charge for a request that failed in transport: none when it never reached the upstream, else
+    the worst case (the upstream may have generated before the connection went or the timeout struck)."""
+    if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+        return 0
+    return worst if isinstance(e, (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)) else 0
 
 
 def _loads(raw: bytes) -> Any:
