@@ -140,18 +140,23 @@ class ResponseAnnotator:
                 choice["entropy"] = None
                 _trim(self.ask, choice, self.k_sent)
                 continue
-            st = self.states.setdefault(idx, ChoiceState())
             pos = _positions(self.ask, choice, self.k_sent)
-            if pos.impossible:  # logits, not logprobs: no entropy can be read from them
-                st.impossible += pos.impossible
-                self.missing += 1
-                choice["entropy"] = None
-                _trim(self.ask, choice, self.k_sent)
-                continue
-            st.add(pos, self.a.estimate(pos, self.vocab_size))
-            st.text.append(_text(self.ask, choice, delta=False))
+            text = _text(self.ask, choice, delta=False)
             _trim(self.ask, choice, self.k_sent)
-            choice["entropy"] = self._finish(idx, st, choice.get("finish_reason"), self.ask.detail_tokens, False)
+            choice["entropy"] = self.body_choice(idx, pos, text, choice.get("finish_reason"))
+
+    def body_choice(self, idx: int, pos: Positions, text: str, finish: Any) -> dict[str, Any] | None:
+        """One choice of a whole body whose logprobs were read into ``pos``: its ``entropy`` value (None when
+        the values are logits, not logprobs). Shared by the careful path above and the fast path
+        (``proxy.hotpath``), so both give the same annotation."""
+        st = self.states.setdefault(idx, ChoiceState())
+        if pos.impossible:  # logits, not logprobs: no entropy can be read from them
+            st.impossible += pos.impossible
+            self.missing += 1
+            return None
+        st.add(pos, self.a.estimate(pos, self.vocab_size))
+        st.text.append(text)
+        return self._finish(idx, st, finish, self.ask.detail_tokens, False)
 
     # -- streaming ----------------------------------------------------------------------------------------------
     def annotate_chunk(self, chunk: dict[str, Any]) -> None:
@@ -162,31 +167,45 @@ class ResponseAnnotator:
                 continue
             idx = choice.get("index", 0)
             idx = idx if isinstance(idx, int) else 0
-            st = self.states.get(idx)
-            if st is None:
-                st = self.states[idx] = ChoiceState()
-                if self.ask.echo and self.ask.endpoint == "completions" and isinstance(self.ask.prompt, str):
-                    st.prompt_chars_left = len(self.ask.prompt)
+            st = self.chunk_state(idx)
             st.text.append(_text(self.ask, choice, delta=True))
             if _has_logprobs(self.ask, choice):
-                st.seen_logprobs = True
                 pos = _positions(self.ask, choice, self.k_sent, echo_skip=self._echo_skip(st, choice))
-                if pos.impossible:
-                    st.impossible += pos.impossible
-                elif pos.count or pos.skipped:
-                    est = self.a.estimate(pos, self.vocab_size)
-                    st.add(pos, est)
-                    choice["entropy"] = {"per_token": per_token_list(est[0])}
+                ent = self.chunk_logprobs(st, pos)
+                if ent is not None:
+                    choice["entropy"] = ent
             _trim(self.ask, choice, self.k_sent)
             finish = choice.get("finish_reason")
             if finish is not None:
-                # In a stream `per_token` is the chunk's own tokens; the finishing chunk also gets the summary
-                # (whose `per_token`, when the client asked for detail, is the whole choice's list).
-                chunk_ent = choice.get("entropy")
-                summary = self._finish(idx, st, finish, self.ask.detail_tokens, True)
-                if summary is not None and not self.ask.detail_tokens and isinstance(chunk_ent, dict):
-                    summary = {**summary, "per_token": chunk_ent["per_token"]}
-                choice["entropy"] = summary
+                choice["entropy"] = self.chunk_finish(idx, st, finish, choice.get("entropy"))
+
+    # The steps of one streamed choice, shared by the careful path above and the fast path (``proxy.hotpath``).
+    def chunk_state(self, idx: int) -> ChoiceState:
+        st = self.states.get(idx)
+        if st is None:
+            st = self.states[idx] = ChoiceState()
+            if self.ask.echo and self.ask.endpoint == "completions" and isinstance(self.ask.prompt, str):
+                st.prompt_chars_left = len(self.ask.prompt)
+        return st
+
+    def chunk_logprobs(self, st: ChoiceState, pos: Positions) -> dict[str, Any] | None:
+        """The chunk's own ``{"per_token": [...]}``, or None when it has nothing to annotate."""
+        st.seen_logprobs = True
+        if pos.impossible:
+            st.impossible += pos.impossible
+        elif pos.count or pos.skipped:
+            est = self.a.estimate(pos, self.vocab_size)
+            st.add(pos, est)
+            return {"per_token": per_token_list(est[0])}
+        return None
+
+    def chunk_finish(self, idx: int, st: ChoiceState, finish: Any, chunk_ent: Any) -> dict[str, Any] | None:
+        # In a stream `per_token` is the chunk's own tokens; the finishing chunk also gets the summary
+        # (whose `per_token`, when the client asked for detail, is the whole choice's list).
+        summary = self._finish(idx, st, finish, self.ask.detail_tokens, True)
+        if summary is not None and not self.ask.detail_tokens and isinstance(chunk_ent, dict):
+            summary = {**summary, "per_token": chunk_ent["per_token"]}
+        return summary
 
     def _echo_skip(self, st: ChoiceState, choice: dict[str, Any]) -> int:
         if st.prompt_chars_left <= 0:

@@ -44,6 +44,7 @@ from .errors import (
     normalise_error_body,
     sse_error_event,
 )
+from .hotpath import annotate_body_bytes, annotate_chunk_bytes
 from .observe import ObserverHub, RequestEvent
 from .rewrite import ClientAsk, dumps, force_logprobs, parse_request, upstream_k
 from .sse import SSEDecoder, SSEEvent
@@ -141,6 +142,8 @@ class ProxyService:
         self.settings = upstream.settings
         self.hub = hub
         self.annotator = annotator
+        # The fast path (proxy.hotpath) for chat bodies and chunks; off: everything takes the careful path.
+        self.fast = True
 
     async def handle(self, request: Request, endpoint: str) -> Response:
         t0 = perf_counter()
@@ -232,14 +235,22 @@ class ProxyService:
             if retry is None:
                 return self._pass_error(resp.status_code, resp.content, resp.headers, call)
             send = retry
-        obj = _safe_json(resp.content)
-        if not isinstance(obj, dict):
-            raise UpstreamBadResponse("The upstream answered 200 with a body that is not a JSON object.")
-        ra = ResponseAnnotator(self.annotator, call.ask, call.k_sent, call.ask.model or str(obj.get("model", "")))
-        ra.annotate_body(obj)
+        fast = annotate_body_bytes(
+            resp.content, call.ask, call.k_sent,
+            lambda model: ResponseAnnotator(self.annotator, call.ask, call.k_sent, call.ask.model or str(model)),
+        ) if self.fast else None
+        if fast is not None:
+            ra, content = fast
+        else:
+            obj = _safe_json(resp.content)
+            if not isinstance(obj, dict):
+                raise UpstreamBadResponse("The upstream answered 200 with a body that is not a JSON object.")
+            ra = ResponseAnnotator(self.annotator, call.ask, call.k_sent,
+                                   call.ask.model or str(obj.get("model", "")))
+            ra.annotate_body(obj)
+            content = dumps(obj)
         out_headers = response_headers(resp.headers, keep_length=False)
         out_headers.update(self._entropy_headers(ra))
-        content = dumps(obj)
         self._finish(ra, call, 200)
         return Response(content, status_code=200, headers=out_headers, media_type="application/json")
 
@@ -385,6 +396,10 @@ class ProxyService:
         if data == b"[DONE]":
             state["done"] = True
             return ev.raw
+        if self.fast:
+            out = annotate_chunk_bytes(data, ra)
+            if out is not None:
+                return out
         obj = _safe_json(data)
         if not isinstance(obj, dict):
             return ev.raw
