@@ -1,7 +1,8 @@
 """Prometheus rules: promtool check and unit tests, and the conventions every rule keeps.
 
 promtool comes from Debian's ``prometheus`` package (``apt-get install -y prometheus``). Without it
-these tests skip locally; with ``CI=true`` a missing promtool fails them, so CI never passes by skipping.
+these tests skip locally; under CI (``CI=1``, ``true`` or ``yes``) a missing promtool fails them, so CI never
+passes by skipping.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.plugins.ci_guard import unavailable
+
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "rules"
 RULE_FILES = [RULES / "recording.yml", RULES / "alerts.yml"]
 UNIT_TESTS = ROOT / "deploy" / "prometheus" / "tests" / "alerts_test.yml"
+SCENARIO_TESTS = ROOT / "deploy" / "prometheus" / "tests" / "scenarios_test.yml"  # days, every 5 minutes
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
 
 CONTRACT_ALERTS = {  # CONTRACT section 8
@@ -30,6 +34,8 @@ CONTRACT_METRICS = {  # CONTRACT section 6, with the series a histogram exposes
     "requests_total", "tokens_total", "responses_flagged_total", "logprobs_missing_total",
     "upstream_errors_total", "entropy_drift", "collapse_score", "diversity", "recognition_ratio",
     "feedback_total", "confident_wrong_total", "calibration", "audit_dropped_total", "entropy_state",
+    # CONTRACT section 9: baselines per model revision, and the fixed-threshold forking counters behind them
+    "baseline", "baseline_info", "diversity_samples", "forking_tokens_total", "forking_checked_tokens_total",
 } | {f"{h}{s}" for h in ("token_entropy_nats", "response_entropy_nats", "response_confidence",
                          "forking_fraction", "overhead_seconds") for s in ("_bucket", "_sum", "_count")}
 
@@ -37,9 +43,7 @@ CONTRACT_METRICS = {  # CONTRACT section 6, with the series a histogram exposes
 def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("promtool is not on PATH (apt-get install -y prometheus)")
-        pytest.skip("promtool is not on PATH (apt-get install -y prometheus)")
+        unavailable("promtool is not on PATH (apt-get install -y prometheus)")
     return path
 
 
@@ -64,11 +68,12 @@ def test_promtool_check_rules() -> None:
     result = subprocess.run([promtool(), "check", "rules", *map(str, RULE_FILES)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 24 rules found" in result.stdout and "SUCCESS: 7 rules found" in result.stdout
+    assert "SUCCESS: 32 rules found" in result.stdout and "SUCCESS: 7 rules found" in result.stdout
 
 
-def test_promtool_unit_tests() -> None:
-    result = subprocess.run([promtool(), "test", "rules", UNIT_TESTS.name], cwd=UNIT_TESTS.parent,
+@pytest.mark.parametrize("tests", [UNIT_TESTS, SCENARIO_TESTS], ids=lambda p: p.name)
+def test_promtool_unit_tests(tests: Path) -> None:
+    result = subprocess.run([promtool(), "test", "rules", tests.name], cwd=tests.parent,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
@@ -76,7 +81,7 @@ def test_promtool_unit_tests() -> None:
 
 def test_promtool_unit_tests_can_fail(tmp_path: Path) -> None:
     # A wrong expected annotation must fail, or the test above proves nothing.
-    text = UNIT_TESTS.read_text().replace("is 10.15% of the day before", "is 11.15% of the day before")
+    text = UNIT_TESTS.read_text().replace("is 10% of its baseline", "is 11% of its baseline")
     assert text != UNIT_TESTS.read_text()
     broken = UNIT_TESTS.parent / f".broken-{os.getpid()}.yml"
     broken.write_text(text)
@@ -116,7 +121,9 @@ def test_each_runbook_section_says_what_to_check_and_do() -> None:
 
 
 LEVEL_LABELS = {"model": {"model"}, "model_flag": {"model", "flag"}, "model_measure": {"model", "measure"},
-                "model_token_class": {"model", "token_class"}, "endpoint_quantile": {"endpoint"}}
+                "model_token_class": {"model", "token_class"}, "endpoint_quantile": {"endpoint"},
+                "model_reference": {"model", "reference"},
+                "model_measure_reference": {"model", "measure", "reference"}}
 
 
 def test_recording_rule_names_follow_level_metric_operation() -> None:
@@ -124,10 +131,12 @@ def test_recording_rule_names_follow_level_metric_operation() -> None:
         level, metric, operation = rule["record"].split(":")
         assert level in LEVEL_LABELS and metric.startswith("entropy_proxy_"), rule["record"]
         assert re.fullmatch(r"[a-z0-9_]+", operation), rule["record"]
-        # The level names the labels the result keeps: the outer aggregation groups by exactly those.
+        # The level names the labels the result keeps: the outer aggregation groups by exactly those, plus the
+        # label a label_replace adds (the `reference` of each baseline a window is compared with).
         by = re.search(r"by \(([^)]*)\)", rule["expr"])
         if by:
             kept = {label.strip() for label in by.group(1).split(",")} - {"le"}
+            kept |= set(re.findall(r'"(\w+)",\s*"[^"]*",\s*"[^"]*",\s*"[^"]*"\s*\)', rule["expr"]))
             assert kept == LEVEL_LABELS[level], (rule["record"], kept)
 
 
@@ -152,6 +161,7 @@ def test_unit_tests_cover_every_alert_at_its_for_boundary() -> None:
     assert doc["evaluation_interval"] == "1m"
     groups = [g["name"] for path in RULE_FILES for g in yaml.safe_load(path.read_text())["groups"]]
     assert sorted(doc["group_eval_order"]) == sorted(groups)
+    assert yaml.safe_load(SCENARIO_TESTS.read_text())["group_eval_order"] == doc["group_eval_order"]
     alerts = _alerts()
     covered: set[str] = set()
     for group in doc["tests"]:
