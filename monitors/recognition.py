@@ -19,7 +19,14 @@ from the model, per token). The two sides of one prompt:
 The **recognition ratio** is ``H_off / H_on`` with ``H`` the mean per-token entropy of each side; over a window
 of pairs it is the ratio of the mean of per-pair means (a ratio of means, so one near-zero on-policy response
 cannot blow it up). G. and Lindsey (arXiv 2605.25459) report 3-4x lower entropy on the model's own trajectory
-for post-trained models and none for pretrained ones; a small model may show none (SmolLM2-135M: ~0.9).
+for post-trained models and none for pretrained ones; a small model may show none (SmolLM2-135M: 0.67-0.87).
+
+Reading it: both sides of a pair share the prompt, so a change of traffic moves both and leaves the ratio where it
+was. A *rising* ratio means the model grew more certain on its own samples relative to foreign text: it sharpened
+on its own distribution, which is what post-training and collapse produce. A ratio needs genuinely foreign text
+(a reference answer, or another model's answer): an "other" answer from the same model gives ~1 by construction,
+so none is formed. A rise counts only when its bootstrap interval (:meth:`RecognitionTracker.rise_interval`)
+excludes 1: with the per-pair spread of a real model, rises of 1.25 over 5 pairs appear by chance.
 
 The diagnosis (:func:`diagnose`) combines the live monitors and the ratio into one state per model; its rule and
 the evidence behind each step are documented on the function and in ``docs/recognition.md``.
@@ -36,6 +43,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from .canary_diagnosis import t_quantile
 from .collapse import COLLAPSE_THRESHOLD
 from .entropy import DEFAULT_VOCAB_SIZE, NEG_INF_SENTINEL, estimate_positions
 
@@ -46,6 +54,7 @@ __all__ = [
     "ScoredText",
     "SelfCheck",
     "bootstrap_ratio_interval",
+    "bootstrap_rise_interval",
     "diagnose",
     "input_surprise",
     "recognition_ratio",
@@ -60,7 +69,7 @@ MIN_ON_ENTROPY = 1e-3  #: nats; below this the on-policy side is deterministic a
 # Decision thresholds (see diagnose()).
 COLLAPSE_LINE = COLLAPSE_THRESHOLD  #: the collapse score at which entropy counts as "down"
 DIVERSITY_FALL = 0.25  #: diversity component at which behaviour counts as narrowed (a 12.5 % relative fall)
-RATIO_RISE = 1.25  #: window ratio / baseline ratio at which on-policy entropy fell *relative* to off-policy
+RISE_LEVEL = 0.95  #: coverage of the rise's interval; a rise is read only when the interval lies above 1
 PSI_LINE, JS_LINE = 0.25, 0.1
 STATES = ("healthy", "recognition", "collapse", "drift")
 
@@ -217,6 +226,39 @@ def bootstrap_ratio_interval(
     return float(lo), float(hi)
 
 
+def bootstrap_rise_interval(
+    base: Sequence[tuple[float, float]], after: Sequence[tuple[float, float]], *, n_boot: int = 1_000,
+    level: float = RISE_LEVEL, seed: int = 0,
+) -> tuple[float, float] | None:
+    """Interval of the rise ``ratio(after) / ratio(base)`` over (h_on, h_off) pairs.
+
+    Both groups are resampled independently; the interval is ``exp(log rise +- t * se)`` with ``se`` the bootstrap
+    standard error of the log rise (scaled by ``sqrt(n / (n - 1))`` of the smaller group) and the Student quantile
+    with the smaller group's ``n - 1`` degrees of freedom: a percentile interval of five pairs is too narrow.
+    """
+    b = np.asarray(base, dtype=np.float64).reshape(-1, 2)
+    a = np.asarray(after, dtype=np.float64).reshape(-1, 2)
+    if b.shape[0] < 2 or a.shape[0] < 2:
+        return None
+    rng = np.random.default_rng(seed)
+
+    def log_ratio(x: F64, idx: NDArray[np.int64]) -> F64:
+        on, off = x[idx, 0].mean(axis=-1), x[idx, 1].mean(axis=-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out: F64 = np.where(on >= MIN_ON_ENTROPY, np.log(off / np.where(on > 0, on, 1.0)), np.nan)
+        return out
+
+    est = float(log_ratio(a, np.arange(a.shape[0])[None, :])[0] - log_ratio(b, np.arange(b.shape[0])[None, :])[0])
+    reps = log_ratio(a, rng.integers(0, a.shape[0], (n_boot, a.shape[0]))) - log_ratio(
+        b, rng.integers(0, b.shape[0], (n_boot, b.shape[0])))
+    reps = reps[np.isfinite(reps)]
+    if not math.isfinite(est) or reps.size < 2:
+        return None
+    n = min(a.shape[0], b.shape[0])
+    half = t_quantile(1.0 - (1.0 - level) / 2.0, n - 1) * float(np.std(reps, ddof=1)) * math.sqrt(n / (n - 1))
+    return math.exp(est - half), math.exp(est + half)
+
+
 # -- the window of pairs ---------------------------------------------------------------------------------------------
 @dataclass(slots=True)
 class _Side:
@@ -305,6 +347,13 @@ class RecognitionTracker:
         now = self._ratio(list(self.pairs)[-n:])
         return None if now is None else now / base
 
+    def rise_interval(self, *, level: float = RISE_LEVEL, seed: int = 0) -> tuple[float, float] | None:
+        """Bootstrap interval of :meth:`rise` (:func:`bootstrap_rise_interval`); None while the rise is."""
+        if self.rise() is None:
+            return None
+        n = min(self._after, len(self.pairs))
+        return bootstrap_rise_interval(self._base, list(self.pairs)[-n:], level=level, seed=seed)
+
     def interval(self) -> tuple[float, float] | None:
         if len(self.pairs) < self.min_pairs:
             return None
@@ -318,11 +367,12 @@ class RecognitionTracker:
         def rnd(x: float | None) -> float | None:
             return None if x is None else round(x, 4)
 
-        ci = self.interval()
+        ci, ri = self.interval(), self.rise_interval()
         return {
             "selfcheck_abs_diff": rnd(self.selfcheck()), "selfcheck_misaligned": self.misaligned,
             "ratio": rnd(self.ratio()), "ratio_interval_90": None if ci is None else [rnd(ci[0]), rnd(ci[1])],
             "baseline_ratio": rnd(self.baseline()), "rise": rnd(self.rise()),
+            "rise_interval_95": None if ri is None else [rnd(ri[0]), rnd(ri[1])],
             "pairs": self.total_pairs, "window_pairs": len(self.pairs),
             "on_policy": {"mean_entropy": mean(self.on.entropy), "input_surprise": mean(self.on.surprise)},
             "off_policy": {"mean_entropy": mean(self.off.entropy), "input_surprise": mean(self.off.surprise)},
@@ -342,6 +392,7 @@ class Evidence:
     js: float | None = None
     recognition_ratio: float | None = None  #: H_off / H_on over the probe window
     recognition_rise: float | None = None  #: that ratio after the probe baseline / the baseline ratio
+    recognition_rise_interval: tuple[float, float] | None = None  #: its bootstrap interval (RISE_LEVEL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,10 +412,12 @@ def diagnose(ev: Evidence) -> Diagnosis:
        (the token-entropy distribution moved, either way), else ``healthy``.
     2. Entropy down and diversity fell (component >= ``DIVERSITY_FALL``): ``collapse``. Behaviour narrowed:
        fewer distinct trajectories and formats (Matsutani et al.; Zhao et al.) - recognition does not do that.
-    3. Entropy down and the recognition ratio is measured against its baseline: rise >= ``RATIO_RISE`` ->
-       ``recognition`` (entropy fell on the model's own text but not on text it did not write: the traffic,
-       not the model, changed); otherwise ``collapse`` (entropy fell on off-policy text too: the model became
-       confident on anything, which is what a collapsed policy does).
+    3. Entropy down and the recognition ratio's rise has an interval (``RISE_LEVEL``): the interval above 1 ->
+       ``recognition`` (the model sharpened on its own samples relative to foreign text, what post-training
+       produces; diversity held, so not collapse); the interval holding 1 -> ``drift`` (entropy fell on foreign
+       text as much as on the model's own, and both share the prompt: the traffic changed, not the model); the
+       interval below 1 -> ``drift`` as well (the model grew *less* certain on its own text relative to foreign
+       text: something changed, not a sharpening). A rise without an interval is not read.
     4. Entropy down, diversity measured and steady: ``recognition`` (RESEARCH section 7: entropy down with
        diversity steady; low entropy as information).
     5. Nothing tells them apart: ``collapse``, the reading that warrants a look.
@@ -385,13 +438,21 @@ def diagnose(ev: Evidence) -> Diagnosis:
     if div is not None and div >= DIVERSITY_FALL:
         reasons.append(f"diversity fall {div:.3g} >= {DIVERSITY_FALL}: behaviour narrowed")
         return Diagnosis("collapse", tuple(reasons))
-    if ev.recognition_rise is not None:
-        msg = f"recognition ratio {_f(ev.recognition_ratio)}, x{ev.recognition_rise:.3g} of its baseline"
-        if ev.recognition_rise >= RATIO_RISE:
-            reasons.append(msg + f" (>= {RATIO_RISE}): entropy fell on the model's own text only")
+    ci = ev.recognition_rise_interval
+    if ev.recognition_rise is not None and ci is not None:
+        msg = (f"recognition ratio {_f(ev.recognition_ratio)}, x{ev.recognition_rise:.3g} of its baseline "
+               f"({100 * RISE_LEVEL:.0f} % interval x{ci[0]:.3g} .. x{ci[1]:.3g})")
+        if ci[0] > 1.0:
+            reasons.append(msg + ": the interval lies above 1; the model sharpened on its own samples relative to "
+                                 "foreign text (post-training or collapse; diversity held)")
             return Diagnosis("recognition", tuple(reasons))
-        reasons.append(msg + f" (< {RATIO_RISE}): entropy fell on text the model did not write too")
-        return Diagnosis("collapse", tuple(reasons))
+        if ci[1] < 1.0:
+            reasons.append(msg + ": the interval lies below 1; the model grew less certain on its own text "
+                                 "relative to foreign text")
+            return Diagnosis("drift", tuple(reasons))
+        reasons.append(msg + ": the interval holds 1; entropy fell on foreign text as much as on the model's own, "
+                             "and both share the prompt: the traffic changed, not the model")
+        return Diagnosis("drift", tuple(reasons))
     if div is not None:
         reasons.append(f"diversity fall {div:.3g} < {DIVERSITY_FALL}: behaviour steady; no probe ratio yet")
         return Diagnosis("recognition", tuple(reasons))

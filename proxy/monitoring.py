@@ -13,8 +13,9 @@ Diagnosis (``state``): :func:`monitors.recognition.diagnose` over the collapse c
 recognition probe's ratio (when the probe runs). Without a probe ratio: ``collapse`` when the collapse score is
 >= 0.5 and diversity fell (or is not measured yet), ``recognition`` when the score is >= 0.5 but diversity has not
 fallen (its component < 0.25) - entropy down, behaviour steady; ``drift`` when PSI >= 0.25 (or JS >= 0.1); else
-``healthy``. With a probe ratio, entropy down and diversity steady reads ``recognition`` only when the ratio rose
-against its baseline (entropy fell on the model's own text only), else ``collapse``.
+``healthy``. With a probe ratio, entropy down and diversity steady reads ``recognition`` only when the ratio's rise
+over its baseline has a bootstrap interval above 1 (the model sharpened on its own samples relative to foreign
+text), and ``drift`` when the interval holds 1 (both sides fell: they share the prompt, so the traffic changed).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class ModelMonitors:
         # Set by the recognition probe (proxy.probe): the window ratio H_off / H_on and its rise over the baseline.
         self.recognition_ratio: float | None = None
         self.recognition_rise: float | None = None
+        self.recognition_rise_interval: tuple[float, float] | None = None
 
     def observe(self, h: np.ndarray, threshold: float) -> None:
         self.responses += 1
@@ -151,6 +153,7 @@ class ModelMonitors:
             collapse_score=combine(comps), entropy_fall=comps.get("entropy"), forking_fall=comps.get("forking"),
             diversity_fall=comps.get("diversity"), psi=d["psi"], js=d["js"],
             recognition_ratio=self.recognition_ratio, recognition_rise=self.recognition_rise,
+            recognition_rise_interval=self.recognition_rise_interval,
         )
 
     def diagnosis(self) -> Diagnosis:
@@ -285,9 +288,13 @@ class Monitoring:
         self.recognition[label] = value
         self._get(label).recognition_ratio = value
 
-    def set_recognition_rise(self, model: str, rise: float | None) -> None:
-        """The probe's window ratio over its baseline ratio (None until both exist); feeds the diagnosis."""
-        self._get(self.label(model)).recognition_rise = rise
+    def set_recognition_rise(
+        self, model: str, rise: float | None, interval: tuple[float, float] | None = None
+    ) -> None:
+        """The probe's window ratio over its baseline ratio (None until both exist) and its bootstrap interval;
+        the diagnosis reads the rise only through the interval."""
+        mm = self._get(self.label(model))
+        mm.recognition_rise, mm.recognition_rise_interval = rise, interval
 
     # -- readings --------------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -320,6 +327,8 @@ class Monitoring:
                 "diversity": {k: v for k, v in mm.text.items() if k != "comparable"},
                 "recognition_ratio": self.recognition.get(label),
                 "recognition_rise": mm.recognition_rise,
+                "recognition_rise_interval": (None if mm.recognition_rise_interval is None
+                                              else [round(x, 4) for x in mm.recognition_rise_interval]),
                 "performance_law": None if fit is None else {
                     "a": fit.a, "b": fit.b, "ceiling": fit.ceiling, "points": fit.n, "r2": fit.r2,
                 },

@@ -269,6 +269,14 @@ class Probe:
             )
         raise Skip("prompt_logprobs limit kept changing")
 
+    def _foreign_model(self, model: str) -> bool:
+        """Whether ``probe.off_policy_model`` is another model than the one observed. Without one configured, or
+        with the observed model itself on the same upstream, an "other" answer would be the model's own sample
+        (a ratio of ~1 by construction): then only reference answers make pairs."""
+        other = self.cfg.off_policy_model
+        same_upstream = self.cfg.off_policy_upstream in (None, self.settings.upstream)
+        return bool(other) and not (other == model and same_upstream)
+
     async def _other_answer(self, obs: Observation) -> str | None:
         client = self._off_client or self._client()
         model = self.cfg.off_policy_model or obs.model
@@ -294,8 +302,8 @@ class Probe:
             tracker.add_on(on.mean_entropy, on.mean_surprise)
             tracker.add_selfcheck(check)
         off_text, source = reference, "reference"
-        if off_text is None and (self.cfg.off_policy_model or self.cfg.off_policy_upstream):
-            off_text, source = await self._other_answer(obs), f"model:{self.cfg.off_policy_model or obs.model}"
+        if off_text is None and self._foreign_model(obs.model):
+            off_text, source = await self._other_answer(obs), f"model:{self.cfg.off_policy_model}"
         result = ProbeResult(request_id=obs.request_id, model=label, created=time.time(), on=_side(on),
                              selfcheck={k: _r(v) if isinstance(v, float) else v for k, v in asdict(check).items()})
         if off_text is not None:
@@ -320,7 +328,7 @@ class Probe:
         if ratio is not None and target is not None:
             target.set_recognition_ratio(model, ratio)
         if mon is not None:
-            mon.set_recognition_rise(model, tracker.rise())
+            mon.set_recognition_rise(model, tracker.rise(), tracker.rise_interval())
 
     # -- readings --------------------------------------------------------------------------------------------------
     def selfcheck_value(self, label: str) -> float | None:

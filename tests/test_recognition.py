@@ -266,15 +266,26 @@ def test_bootstrap_interval_brackets_the_ratio_and_narrows_with_more_pairs() -> 
 DOWN = {"collapse_score": 0.7, "entropy_fall": 1.0, "forking_fall": 0.6}
 
 
+RISE = {"recognition_ratio": 3.0, "recognition_rise": 2.0, "recognition_rise_interval": (1.4, 2.6)}
+
+
 @pytest.mark.parametrize(("evidence", "state", "because"), [
     ({}, "healthy", "steady"),
     ({"collapse_score": 0.3, "psi": 0.1, "js": 0.01}, "healthy", "steady"),
     ({"collapse_score": 0.1, "psi": 0.4}, "drift", "PSI"),
     ({"collapse_score": 0.1, "js": 0.2}, "drift", "JS"),
     ({**DOWN, "diversity_fall": 0.6}, "collapse", "narrowed"),
-    ({**DOWN, "diversity_fall": 0.6, "recognition_ratio": 3.0, "recognition_rise": 2.0}, "collapse", "narrowed"),
-    ({**DOWN, "recognition_ratio": 3.0, "recognition_rise": 2.0}, "recognition", "own text only"),
-    ({**DOWN, "diversity_fall": 0.0, "recognition_ratio": 1.0, "recognition_rise": 1.05}, "collapse", "too"),
+    ({**DOWN, "diversity_fall": 0.6, **RISE}, "collapse", "narrowed"),
+    # a rise whose interval lies above 1: the model sharpened on its own samples relative to foreign text
+    ({**DOWN, **RISE}, "recognition", "sharpened on its own samples"),
+    # the ratio held (its interval holds 1): both sides fell together, and they share the prompt: the traffic
+    ({**DOWN, "diversity_fall": 0.0, "recognition_ratio": 1.0, "recognition_rise": 1.05,
+      "recognition_rise_interval": (0.9, 1.2)}, "drift", "traffic"),
+    # a rise of 1.3 that chance explains is not evidence (the old rule read it as recognition)
+    ({**DOWN, "recognition_ratio": 1.3, "recognition_rise": 1.3, "recognition_rise_interval": (0.8, 1.9)},
+     "drift", "holds 1"),
+    # a rise without an interval (too few pairs) is not read at all
+    ({**DOWN, "recognition_ratio": 3.0, "recognition_rise": 2.0}, "collapse", "cannot rule out"),
     ({**DOWN, "diversity_fall": 0.1}, "recognition", "behaviour steady"),
     (DOWN, "collapse", "cannot rule out"),
     ({**DOWN, "psi": 1.0, "diversity_fall": 0.0}, "recognition", "behaviour steady"),
@@ -303,12 +314,40 @@ def test_monitoring_feeds_the_probe_ratio_into_the_state() -> None:
     feed(150, 0.5)
     assert mon.models["m"].state() == "recognition"  # no probe yet: diversity steady decides
     mon.set_recognition_ratio("m", 0.9)
-    mon.set_recognition_rise("m", 1.0)
+    mon.set_recognition_rise("m", 1.0, (0.85, 1.15))
     st = mon.status()["models"]["m"]
-    assert st["state"] == "collapse" and st["recognition_ratio"] == 0.9 and st["recognition_rise"] == 1.0
-    assert any("text the model did not write too" in r for r in st["diagnosis"])
-    mon.set_recognition_rise("m", 1.6)
+    assert st["state"] == "drift" and st["recognition_ratio"] == 0.9 and st["recognition_rise"] == 1.0
+    assert st["recognition_rise_interval"] == [0.85, 1.15]
+    assert any("the traffic changed" in r for r in st["diagnosis"])
+    mon.set_recognition_rise("m", 1.6, (1.3, 1.9))
     assert mon.status()["models"]["m"]["state"] == "recognition"
+    mon.set_recognition_rise("m", 1.6, (0.9, 2.4))  # the same rise, but chance explains it
+    assert mon.status()["models"]["m"]["state"] == "drift"
+
+
+def test_the_rise_interval_gates_chance_rises() -> None:
+    """With the per-pair spread seen on the real model (per-pair ratios 0.4-1.5), a rise >= 1.25 over a 20-pair
+    baseline appears by chance in many runs of 5 pairs; the interval claims a rise in few of them."""
+    rng = np.random.default_rng(3)
+    old_rule = gated = 0
+    runs = 200
+    for _ in range(runs):
+        t = RecognitionTracker(window=50, baseline_pairs=20, min_pairs=5)
+        for _ in range(25):  # nothing changes: every pair from the same distribution
+            h_on = float(rng.gamma(6.0, 2.33 / 6.0))
+            t.add_pair(h_on, h_on * float(rng.lognormal(math.log(0.67), 0.35)))
+        rise, ci = t.rise(), t.rise_interval(seed=int(rng.integers(1 << 30)))
+        assert rise is not None and ci is not None and ci[0] <= rise <= ci[1]
+        old_rule += rise >= 1.25
+        gated += ci[0] > 1.0
+    assert old_rule / runs > 0.08  # what the old rule claimed
+    assert gated / runs <= 0.06  # a 95 % interval: about one run in forty claims a rise, one in forty a fall
+    t = RecognitionTracker(window=50, baseline_pairs=20, min_pairs=5)
+    for i in range(40):  # a real rise: on-policy entropy halves after the baseline
+        h_on = float(rng.gamma(6.0, 2.33 / 6.0))
+        t.add_pair(h_on * (0.5 if i >= 20 else 1.0), h_on * float(rng.lognormal(math.log(0.67), 0.35)))
+    ci = t.rise_interval()
+    assert ci is not None and ci[0] > 1.0
 
 
 # -- the probe, with the fake upstream -------------------------------------------------------------------------------
@@ -361,6 +400,20 @@ async def test_off_policy_model_pairs_every_sample_and_publishes_the_ratio() -> 
                                                                                                 abs=1e-4)
         assert c.app.state.monitoring.recognition[MODEL] == pytest.approx(summary["ratio"], abs=1e-4)  # type: ignore
     assert fake.paths.count(CHAT) == 12  # 6 client requests + 6 off-policy answers, straight to the upstream
+
+
+async def test_the_same_model_is_not_foreign_text() -> None:
+    """An "other" answer from the model itself would give a ratio of about 1 by construction: no pair is formed."""
+    fake = FakeVLLM()
+    async with proxy_client(fake, COMPONENTS, **_probe_settings(**{"probe.off_policy_model": MODEL})) as c:
+        probe: Probe = c.app.state.probe  # type: ignore[attr-defined]
+        for i in range(5):
+            await c.post(CHAT, json=_question(i))
+        assert await probe.wait_idle(10)
+        summary = probe.status()["models"][MODEL]
+        assert probe.counts["scored"] == 5 and summary["pairs"] == 0 and summary["ratio"] is None
+        assert "entropy_proxy_recognition_ratio{" not in (await c.get("/metrics")).text
+    assert fake.paths.count(CHAT) == 5  # no "other" answer was asked for
 
 
 @pytest.mark.parametrize("refuse", ["tokenize", "reject", "ignore"])
