@@ -336,3 +336,28 @@ def test_metric_series_and_labels() -> None:
     assert 0 < above["m"] < checked["m"] == (60 - live.baseline.responses) * 64
     states = {lab["state"]: v for lab, v in out["entropy_proxy_entropy_state"] if lab["model"] == "n"}
     assert states["unknown"] == 1.0 and states["healthy"] == 0.0
+
+
+async def test_a_store_outage_uses_the_warm_up_locally_and_writes_it_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path}/audit.db"
+    real = BaselineStore.insert_if_absent
+
+    async def down(self: BaselineStore, b: Baseline) -> bool:
+        raise ConnectionError("store down")
+
+    async with replica(url, Upstream()) as app:
+        mgr = app.state.baselines
+        monkeypatch.setattr(BaselineStore, "insert_if_absent", down)
+        await feed(app, np.random.default_rng(9), 40)
+        await mgr.sync()
+        made = mgr.current("m")
+        assert made is not None and made.source == "auto"  # this replica compares with its own meanwhile
+        assert mgr.status()["pending_writes"] == 1 and "store down" in mgr.last_error
+        assert await _rows(url) == []
+        monkeypatch.setattr(BaselineStore, "insert_if_absent", real)
+        await mgr.sync()
+        assert mgr.status()["pending_writes"] == 0 and mgr.last_error is None and mgr.written == 1
+        rows = await _rows(url)
+        assert len(rows) == 1 and rows[0].created == made.created and mgr.current("m") == rows[0]

@@ -38,6 +38,7 @@ class BaselineManager:
         self.last_sync: float | None = None
         self.last_error: str | None = None
         self.written = 0  # auto baselines this replica wrote first
+        self._sync_lock = anyio.Lock()  # the poller and an explicit sync() (tests, start-up) never interleave
 
     @property
     def persists(self) -> bool:
@@ -156,6 +157,10 @@ class BaselineManager:
 
     async def sync(self) -> None:
         """One cycle: revisions, pending writes, re-read. Errors are logged and kept for the status page."""
+        async with self._sync_lock:
+            await self._sync()
+
+    async def _sync(self) -> None:
         try:
             await self.refresh_revisions()
             self._follow_revisions()
