@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.plugins.servers", "tests.plugins.recorded"]
+pytest_plugins = ["tests.plugins.ci_guard", "tests.plugins.servers", "tests.plugins.recorded", "pytester"]
 for _optional in ("vllm_server", "postgres", "prometheus"):
     if os.path.exists(os.path.join(os.path.dirname(__file__), "plugins", f"{_optional}.py")):
         pytest_plugins.append(f"tests.plugins.{_optional}")

@@ -5,13 +5,12 @@ second), starts the server on 127.0.0.1 with a temporary TSDB and stops it on ex
 loaded with every duration compressed by :func:`compress_rules` (1 minute -> 1 second by default), so a
 30-minute window, a 15-minute ``for`` and a day-long baseline play out in 30 s, 15 s and 24 min.
 
-Without the binary the ``prometheus_bin`` fixture skips; with ``CI=true`` it fails instead.
+Without the binary the ``prometheus_bin`` fixture skips; under CI (``CI=1``, ``true`` or ``yes``) it fails instead.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.plugins.ci_guard import unavailable
 from tests.plugins.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -104,10 +104,7 @@ class PrometheusAPI:
 def prometheus_binary() -> str:
     path = shutil.which("prometheus")
     if path is None:
-        message = "Debian's prometheus is not on PATH (apt-get install -y prometheus)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("Debian's prometheus is not on PATH (apt-get install -y prometheus)")
     return path
 
 

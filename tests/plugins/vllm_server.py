@@ -1,28 +1,32 @@
 """ONE real vLLM (CPU build, SmolLM2-135M-Instruct, float32) per test session.
 
 ``vllm_server`` yields its base URL without ``/v1``. With ``ENTROPY_PROXY_TEST_VLLM_URL`` set, that running
-server is used and nothing is started. Otherwise, as soon as collection finds a selected test that uses the
-fixture, vLLM is spawned in the background so its warm-up (about 40 s) overlaps the fast tiers; the fixture
-waits for it.
+server is used and nothing is started, once it has proved to be a vLLM serving ``smollm2`` (else the run
+fails). Otherwise, as soon as collection finds a selected test that uses the fixture, vLLM is spawned in the
+background so its warm-up (about 40 s) overlaps the fast tiers; the fixture waits for it.
 
-If vLLM cannot be started: under ``CI=true`` the tests fail (a CI run must never silently skip the real
-tier); elsewhere they are skipped with the reason, which says how to set it up (``scripts/setup-vllm.sh``).
-Tests that use the fixture are marked ``vllm`` automatically (``-m "not vllm"`` deselects them) and get a
-timeout long enough to include the first start.
+If vLLM cannot be started: under CI (``CI=1``, ``true`` or ``yes``) the tests fail (a CI run must never
+silently skip the real tier); elsewhere they are skipped with the reason, which says how to set it up
+(``scripts/setup-vllm.sh``). Tests that use the fixture are marked ``vllm`` automatically (``-m "not vllm"``
+deselects them outside CI) and get a timeout long enough to include the first start.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from proxy.localvllm import LocalVLLM, VLLMStartError
+from tests.plugins.ci_guard import unavailable as ci_unavailable
 
 ENV_URL = "ENTROPY_PROXY_TEST_VLLM_URL"
+MODEL = "smollm2"  # the served name the tier's tests and fixtures are written for (scripts/setup-vllm.sh)
 FIXTURE = "vllm_server"
 STARTUP_TIMEOUT = 420.0  # seconds; about 40 s on an idle 2-core machine, far more while the tiers share it
 TEST_TIMEOUT = STARTUP_TIMEOUT + 180.0
@@ -31,15 +35,9 @@ LOG = Path(__file__).resolve().parents[2] / "test-artifacts" / "vllm-server.log"
 _server: LocalVLLM | None = None
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
 def unavailable(reason: str) -> None:
     """Fail under CI, skip elsewhere."""
-    if in_ci():
-        pytest.fail(f"real vLLM tier cannot run (CI=true: failing, not skipping): {reason}", pytrace=False)
-    pytest.skip(f"real vLLM not available: {reason}")
+    ci_unavailable(f"real vLLM not available: {reason}")
 
 
 def _uses_vllm(item: pytest.Item) -> bool:
@@ -76,14 +74,35 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         _server = None
 
 
+def _json(r: httpx.Response) -> Any:
+    try:
+        return r.json()
+    except ValueError:
+        return None
+
+
 def _external(url: str) -> str:
+    """The given server's base URL, once it has shown itself to be a vLLM serving the tier's model: its
+    ``/version`` names a version and its ``/v1/models`` lists ``smollm2``. Anything else fails the run (a tier
+    that passes against some other OpenAI-compatible server would claim what it did not test)."""
     base = url.rstrip("/").removesuffix("/v1")
     try:
-        r = httpx.get(base + "/v1/models", timeout=10.0)
+        version = httpx.get(base + "/version", timeout=10.0)
+        models = httpx.get(base + "/v1/models", timeout=10.0)
     except httpx.HTTPError as e:
         unavailable(f"{ENV_URL}={url} does not answer: {e!r}")
-    if r.status_code != 200:
-        unavailable(f"{ENV_URL}={url}: GET /v1/models answered {r.status_code}")
+    problems = []
+    v = _json(version)
+    if version.status_code != 200 or not isinstance(v, dict) or not re.fullmatch(r"\d+\.\d+\S*",
+                                                                                  str(v.get("version", ""))):
+        problems.append(f"GET /version answered {version.status_code} {version.text[:200]!r}, not a vLLM version")
+    m = _json(models)
+    ids = [d.get("id") for d in m.get("data", ()) if isinstance(d, dict)] if isinstance(m, dict) else []
+    if models.status_code != 200 or MODEL not in ids:
+        problems.append(f"GET /v1/models answered {models.status_code} listing {ids}, not {MODEL!r}")
+    if problems:
+        pytest.fail(f"{ENV_URL}={url} is not the vLLM the real tier is written for: " + "; ".join(problems),
+                    pytrace=False)
     return base
 
 
