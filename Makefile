@@ -62,6 +62,7 @@ system-packages:
 demo: setup
 	$(VENV)/bin/entropy-proxy demo $(DEMO_ARGS)
 
-# CI=true makes every tier fail instead of skip when its server (vLLM, Prometheus, ...) cannot start.
+# Under CI (CI=1, true or yes) every tier fails instead of skipping when its server (vLLM, Prometheus, ...) cannot
+# start, any skipped test fails the run, and -m/-k/--deselect are refused (tests/plugins/ci_guard.py).
 test: setup-test
 	$(VPY) -m pytest $(PYTEST_ARGS)
