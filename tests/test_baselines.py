@@ -361,3 +361,24 @@ async def test_a_store_outage_uses_the_warm_up_locally_and_writes_it_later(
         assert mgr.status()["pending_writes"] == 0 and mgr.last_error is None and mgr.written == 1
         rows = await _rows(url)
         assert len(rows) == 1 and rows[0].created == made.created and mgr.current("m") == rows[0]
+
+
+def test_an_old_baseline_file_pins_with_measures_read_off_its_histogram() -> None:
+    from monitors.drift import ENTROPY_EDGES
+    from proxy.baselines.model import BaselineBuilder
+
+    rng = np.random.default_rng(10)
+    builder = BaselineBuilder("m", "r", 5_000, 10)
+    for _ in range(100):
+        builder.add(token_entropies(rng, 64))
+    exact = builder.finish({"format_entropy": 1.2}, {"format_entropy": 100})
+    old_entry = {"drift": exact.drift_dict(), "collapse": exact.collapse_dict()}  # what files held before
+    approx = Baseline.from_file_entry("m", "r2", "pinned", old_entry)
+    assert approx.note and "approximate" in approx.note
+    b = int(np.searchsorted(ENTROPY_EDGES, exact.token_entropy_p80)) - 1
+    assert ENTROPY_EDGES[b] <= approx.token_entropy_p80 <= ENTROPY_EDGES[b + 1]  # type: ignore[operator]
+    assert approx.forking_fraction == pytest.approx(0.2, abs=0.01)
+    assert approx.token_entropy_mean == pytest.approx(exact.token_entropy_mean, rel=0.25)
+    assert approx.response_entropy_mean == exact.response_entropy_mean and approx.diversity == {"format_entropy": 1.2}
+    full = Baseline.from_file_entry("m", "r2", "pinned", {**old_entry, "baseline": exact.to_dict()})
+    assert full.token_entropy_p80 == exact.token_entropy_p80 and full.revision == "r2" and full.note is None
