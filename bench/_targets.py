@@ -135,10 +135,13 @@ def start_upstream(workdir: Path, tokens: int) -> Target:
     return _spawn("upstream", argv, "/v1/models", port, workdir)
 
 
-def start_proxy(workdir: Path, upstream: str) -> Target:
+def start_proxy(workdir: Path, upstream: str, workers: int = 1, top_k: int = 20) -> Target:
     port = free_port()
     argv = [sys.executable, "-m", "proxy.cli", "serve", "--upstream", upstream, "--port", str(port)]
-    env = {"ENTROPY_PROXY_AUDIT__URL": f"sqlite:///{workdir}/audit.db", "ENTROPY_PROXY_LOG_LEVEL": "warning"}
+    if workers != 1:
+        argv += ["--workers", str(workers)]
+    env = {"ENTROPY_PROXY_AUDIT__URL": f"sqlite:///{workdir}/audit.db", "ENTROPY_PROXY_LOG_LEVEL": "warning",
+           "ENTROPY_PROXY_TOP_K": str(top_k)}
     t = _spawn("proxy", argv, "/readyz", port, workdir, env)
     from importlib.metadata import version
 

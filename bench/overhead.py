@@ -35,11 +35,12 @@ from bench._client import Connection, Response
 
 CHAT = "/v1/chat/completions"
 MODEL = "smollm2"
+TOP_K = 20  # --top-k: the proxy's K and what every client asks for
 
 
 def body(stream: bool, tokens: int) -> bytes:
     return orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}],
-                         "max_tokens": tokens, "logprobs": True, "top_logprobs": 20, "stream": stream})
+                         "max_tokens": tokens, "logprobs": True, "top_logprobs": TOP_K, "stream": stream})
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -162,6 +163,36 @@ class Bench:
                                       "cpu_s_per_1k_tokens": cpu / tokens * 1000 if tokens else float("nan")}
         return out
 
+    # 3b ------------------------------------------------------------------------------------------------------
+    async def paced_cpu(self, pids: dict[str, int]) -> dict[str, Any]:
+        """Streams paced like vLLM's (one token per upstream write, ``--stream-delay-ms`` apart), ``--paced-streams``
+        at once for ``--level-seconds``: tokens delivered per CPU-second of each path's own process."""
+        a = self.args
+        await self.configure_upstream(token_delay_ms=a.stream_delay_ms)
+        req = body(True, a.stream_tokens)
+        out: dict[str, Any] = {}
+        for n in self.names:
+            done = errors = 0
+            deadline = time.perf_counter() + a.level_seconds
+
+            async def worker(port: int, deadline: float) -> None:
+                nonlocal done, errors
+                c = Connection("127.0.0.1", port)
+                while time.perf_counter() < deadline:
+                    resp = await c.request("POST", CHAT, req, timeout=120)
+                    ok = resp.status == 200 and bytes(resp.body).rstrip().endswith(b"data: [DONE]")
+                    done, errors = done + ok, errors + (not ok)
+                await c.close()
+
+            cpu0 = _targets.cpu_seconds(pids[n])
+            await asyncio.gather(*(worker(self.ports[n], deadline) for _ in range(a.paced_streams)))
+            cpu = _targets.cpu_seconds(pids[n]) - cpu0
+            tokens = done * a.stream_tokens
+            out[n] = {"tokens": tokens, "cpu_s": cpu, "errors": errors,
+                      "tokens_per_cpu_s": tokens / cpu if cpu > 0 else float("nan")}
+        await self.configure_upstream(token_delay_ms=0)
+        return out
+
     # 4 -------------------------------------------------------------------------------------------------------
     async def sustained(self, name: str, pid: int) -> dict[str, Any]:
         a = self.args
@@ -240,6 +271,13 @@ def report(res: dict[str, Any]) -> str:
             cells = "  ".join(f"{n}: {v['tokens_per_s']:>8.0f} ({v['cpu_s_per_1k_tokens']:.3f}, err {v['errors']})"
                               for n, v in per.items())
             lines.append(f"  {level:>3} streams  {cells}")
+    if "paced_cpu" in res:
+        a = res["args"]
+        lines.append(f"\nstreams paced at {a['stream_delay_ms']} ms/token, {a['paced_streams']} at once: "
+                     "tokens per CPU-second of that path's own process")
+        for n, v in res["paced_cpu"].items():
+            lines.append(f"  {n:<10} {v['tokens_per_cpu_s']:>10.0f}  ({v['tokens']} tokens, {v['cpu_s']:.2f} CPU s, "
+                         f"err {v['errors']})")
     if "sustained" in res:
         v = res["sustained"]
         lines.append(f"\nsustained {v['seconds']} s on {v['target']}: RSS {v['rss_before_mb']:.1f} -> "
@@ -268,7 +306,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         url = f"http://127.0.0.1:{up.port}"
         ports, pids = {"direct": up.port}, {"direct": up.pid}
         for name in args.targets[1:]:
-            t = _targets.start_proxy(wd, url) if name == "proxy" else _targets.start_litellm(wd, url, MODEL)
+            t = (_targets.start_proxy(wd, url, workers=args.workers, top_k=args.top_k) if name == "proxy"
+                 else _targets.start_litellm(wd, url, MODEL))
             started.append(t)
             ports[name], pids[name] = t.port, t.pid
         b = Bench(args, ports, up.port)
@@ -278,6 +317,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         res["latency"] = await b.latency()
         res["streaming"] = await b.streaming()
         res["throughput"] = await b.throughput(pids)
+        res["paced_cpu"] = await b.paced_cpu(pids)
         long_target = "proxy" if "proxy" in ports else args.targets[-1]
         if args.long_seconds > 0:
             res["sustained"] = await b.sustained(long_target, pids[long_target])
@@ -299,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stream-delay-ms", type=float, default=2.0)
     ap.add_argument("--levels", help="concurrent streams, comma list (default 1,16,64,256; --quick: 1,16)")
     ap.add_argument("--level-seconds", type=float, default=5.0)
+    ap.add_argument("--paced-streams", type=int, default=16, help="concurrent paced streams for tokens/CPU-s")
+    ap.add_argument("--workers", type=int, default=1, help="entropy-proxy serve --workers N")
+    ap.add_argument("--top-k", type=int, default=20, help="the proxy's K (top_k) and the clients' top_logprobs")
     ap.add_argument("--long-seconds", type=float, default=600.0)
     ap.add_argument("--long-concurrency", type=int, default=16)
     ap.add_argument("--json", help="write the results here too")
@@ -307,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.requests, args.streams, args.stream_tokens = 2, 20, 3, 16
         args.levels, args.level_seconds = args.levels or "1,16", 1.0
         args.long_seconds = min(args.long_seconds, 3.0)
+        args.paced_streams = min(args.paced_streams, 4)
+    global TOP_K
+    TOP_K = args.top_k
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     args.levels = [int(x) for x in (args.levels or "1,16,64,256").split(",")]
     if args.targets[0] != "direct" or not set(args.targets) <= {"direct", "proxy", "litellm"}:

@@ -31,6 +31,7 @@ from .openapi import CHAT_BODY, COMPLETIONS_BODY
 from .service import ProxyService, read_body
 from .settings import Settings
 from .upstream import Upstream, map_exception, request_headers, response_headers
+from .workers.env import worker_env
 
 log = logging.getLogger("entropy_proxy")
 
@@ -129,6 +130,8 @@ def create_app(
     app.state.settings = settings
     app.state.hub = hub
     app.state.registry = registry
+    # Background work (samplers, baseline writer) runs in the leader only: worker 0 of serve --workers N.
+    app.state.is_leader = worker_env().is_leader
 
     def forking_threshold(model: str) -> float:
         fixed = settings.thresholds.forking

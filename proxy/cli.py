@@ -26,6 +26,11 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as e:
         print(f"entropy-proxy: configuration error: {e}", file=sys.stderr)
         return 2
+    if getattr(args, "workers", 1) > 1:  # proxy/workers: N processes, one port, one /metrics
+        from .workers.supervisor import supervise
+
+        return supervise({"upstream": args.upstream, "host": args.host, "port": args.port}, args.config,
+                         args.workers)
     import gc
 
     import uvicorn
@@ -70,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port to listen on (default 8080)")
     s.add_argument("--config", help="YAML config file (env ENTROPY_PROXY_CONFIG)")
+    s.add_argument("--workers", type=int, default=1, help="worker processes on the one port (default 1)")
     s.set_defaults(func=_serve)
     d = sub.add_parser("demo", help="start a local vLLM on CPU with SmolLM2, the proxy in front, and ask it things")
     d.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the demo (see entropy-proxy demo -h)")
