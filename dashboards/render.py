@@ -243,6 +243,40 @@ def render(prom_query_range: QueryRange, panels: Sequence[dict[str, Any]], out_p
     return drawn
 
 
+def percent_targets(panels: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(panel, target) pairs drawn on a percent axis: the panel's unit is ``percentunit`` and no override gives
+    the target's query another unit."""
+    out = []
+    for panel in panels:
+        if panel.get("type") == "row":
+            continue
+        unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit")
+        overrides = _overrides(panel)
+        for target in panel.get("targets", []):
+            if overrides.get(target.get("refId", ""), {}).get("unit", unit) == "percentunit":
+                out.append((panel, target))
+    return out
+
+
+def percent_outside_range(prom_query_range: QueryRange, panels: Sequence[dict[str, Any]], *, start: float,
+                          end: float, step: float, rate_interval_value: str, model: str = ".*",
+                          rewrite: Callable[[str], str] | None = None) -> list[tuple[str, str, float]]:
+    """Run every query drawn on a percent axis; (panel title, refId, worst value) for each one that returned a
+    value outside 0-1 (0-100 %). A query that returned no value at all is reported with NaN: a check that sees
+    nothing must not pass."""
+    bad = []
+    for panel, target in percent_targets(panels):
+        expr = rewrite(target["expr"]) if rewrite else target["expr"]
+        expr = substitute(expr, rate_interval=rate_interval_value, model=model, interval=f"{step:g}s")
+        values = [float(v) for s in prom_query_range(expr, start, end, step) for _, v in s["values"]]
+        finite = [v for v in values if math.isfinite(v)]
+        outside = [v for v in finite if not -1e-9 <= v <= 1 + 1e-9]
+        if not finite or outside:
+            worst = max(outside, key=lambda v: abs(v - 0.5)) if outside else math.nan
+            bad.append((panel["title"], target.get("refId", ""), worst))
+    return bad
+
+
 def _decorate(ax: Any, title: str, start: float, end: float, markers: Sequence[tuple[float, str]],
               label_markers: bool) -> None:
     from matplotlib import dates as mdates

@@ -62,6 +62,13 @@ class TokenHistogram:
         self._counts: dict[tuple[str, str], np.ndarray] = {}
         self._sums: dict[tuple[str, str], float] = {}
 
+    def zero(self, model: str, token_class: str) -> None:
+        """Create the (model, token_class) series at zero, so a scrape shows it before its first token."""
+        with self._lock:
+            if (model, token_class) not in self._counts:
+                self._counts[(model, token_class)] = np.zeros(len(self.edges) + 1, dtype=np.int64)
+                self._sums[(model, token_class)] = 0.0
+
     def add(self, model: str, token_class: str, values: np.ndarray) -> None:
         if values.size == 0:
             return
@@ -181,6 +188,9 @@ class Metrics:
         self.state_override: dict[str, str] = {}
         self._seen: set[str] = set()
         registry.register(_MonitorCollector(self))
+        # A series born with its first response in it loses that response to rate(): configured models start at 0.
+        for name in sorted(self.allowed):
+            self._first(name)
 
     def model_label(self, model: str) -> str:
         return model if model in self.allowed else "other"
@@ -193,6 +203,10 @@ class Metrics:
                 self.flagged.labels(label, f)
             self.tokens.labels(label)
             self.logprobs_missing.labels(label)
+            for lab in ("correct", "incorrect"):
+                self.feedback_total.labels(label, lab)
+            self.confident_wrong_total.labels(label)
+            self.token_hist.zero(label, "all")
 
     # -- observers ------------------------------------------------------------------------------------------------
     def observe(self, obs: Observation) -> None:

@@ -169,3 +169,49 @@ def test_cli_renders_the_committed_dashboard(tmp_path: Path, monkeypatch: pytest
     raw = [t["expr"] for p in r.main_panels(DASHBOARD) for t in p["targets"]]
     assert all("[120s]" in e for (e, *_), x in zip(prom.asked, raw, strict=True) if "$__rate_interval" in x)
     assert "wrote" in capsys.readouterr().out
+
+
+class ShareOrCount:
+    """A Prometheus whose ratio queries (a rule's ``ratio`` or a ``/``) answer shares in 0-1 and whose other
+    queries answer what a counter's rate or increase does in the end-to-end run: several per window."""
+
+    def __call__(self, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
+        times = [start + i * step for i in range(int((end - start) / step) + 1)]
+        value = "0.25" if ("ratio" in expr or "/" in expr) else "9"
+        return [{"metric": {"model": "m"}, "values": [[t, value] for t in times]}]
+
+
+# The confident-wrong panel as it was when docs/dashboard.png read up to 1,000 %: feedback label counts on its
+# percent axis (commit cd6d4e6).
+OLD_CONFIDENT_WRONG = {"title": "Confident-wrong rate", "type": "timeseries",
+                       "fieldConfig": {"defaults": {"min": 0, "unit": "percentunit"}, "overrides": []},
+                       "targets": [{"refId": "A", "expr": 'model:entropy_proxy_confident_wrong:ratio_rate1h'
+                                                          '{model=~"$model"}'},
+                                   {"refId": "B", "expr": 'sum by (model, label) (increase(entropy_proxy_feedback_'
+                                                          'total{model=~"$model"}[$__rate_interval]))'}]}
+
+
+def test_percent_check_catches_the_old_confident_wrong_panel() -> None:
+    bad = r.percent_outside_range(ShareOrCount(), [OLD_CONFIDENT_WRONG], start=T0, end=T0 + 60, step=1,
+                                  rate_interval_value="10s")
+    assert bad == [("Confident-wrong rate", "B", 9.0)]
+
+
+def test_percent_targets_follow_units_and_overrides() -> None:
+    picked = {(p["title"], t["refId"]) for p, t in r.percent_targets(DASHBOARD["panels"])}
+    assert ("Confident-wrong rate", "A") in picked and ("Flagged responses", "A") in picked
+    assert not any(title in ("Feedback labels", "Requests", "Proxy overhead") for title, _ in picked)
+    panel = {"title": "p", "type": "timeseries", "targets": [{"refId": "A", "expr": "a"}, {"refId": "B", "expr": "b"}],
+             "fieldConfig": {"defaults": {"unit": "percentunit"},
+                             "overrides": [{"matcher": {"id": "byFrameRefID", "options": "B"},
+                                            "properties": [{"id": "unit", "value": "short"}]}]}}
+    assert [t["refId"] for _, t in r.percent_targets([panel])] == ["A"]
+
+
+def test_percent_check_passes_shares_and_reports_a_query_without_data() -> None:
+    panels = [p for p, _ in r.percent_targets(DASHBOARD["panels"])]
+    assert r.percent_outside_range(ShareOrCount(), panels, start=T0, end=T0 + 60, step=1,
+                                   rate_interval_value="10s") == []
+    bad = r.percent_outside_range(lambda *a: [], panels[:1], start=T0, end=T0 + 60, step=1,
+                                  rate_interval_value="10s")
+    assert len(bad) >= 1 and math.isnan(bad[0][2])

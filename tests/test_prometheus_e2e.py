@@ -183,7 +183,7 @@ def test_collapse_alert_fires_and_every_query_returns_data(stack: dict[str, Any]
     assert not traffic.errors[:5], traffic.errors[:5]
 
     # What a user sees, drawn from this Prometheus while it still runs (docs/dashboard.png is a copy).
-    from dashboards.render import main_panels, prometheus_query_range, render
+    from dashboards.render import main_panels, percent_outside_range, prometheus_query_range, render
 
     now, now_monotonic = time.time(), time.monotonic()
 
@@ -198,3 +198,8 @@ def test_collapse_alert_fires_and_every_query_returns_data(stack: dict[str, Any]
                    markers=markers, subtitle="tests/test_prometheus_e2e.py: 2 replicas, replayed traffic; "
                    "rule windows compressed 60x; times UTC")
     assert all(drawn.values()), f"panels drawn without data: {drawn}"
+    # Every query drawn on a percent axis (the whole dashboard, not only the pictured panels) stayed within
+    # 0-100 % on this traffic: a count on a percent axis once showed the confident-wrong rate at 1,000 %.
+    outside = percent_outside_range(prometheus_query_range(prom.url), dashboard["panels"], start=wall(start) - 5,
+                                    end=now, step=1, rate_interval_value=RATE_INTERVAL, rewrite=compress_durations)
+    assert not outside, f"percent panels outside 0-100 % (title, query, worst value): {outside}"
