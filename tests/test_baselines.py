@@ -252,7 +252,8 @@ def _mon(**kw: Any) -> Monitoring:
 
 def _feed_mon(mon: Monitoring, rng: np.random.Generator, n: int, **kw: Any) -> None:
     for _ in range(n):
-        mon.observe(observation(token_entropies(rng, 64, **kw), formatted(rng, "prose"), prompt="p"))
+        thr = mon.current_forking_threshold("m")  # what the annotator puts in the summary (adaptive: rolling p80)
+        mon.observe(observation(token_entropies(rng, 64, **kw), formatted(rng, "prose"), prompt="p", threshold=thr))
         mon.process_pending()
 
 
