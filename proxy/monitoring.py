@@ -16,6 +16,8 @@ fallen (its component < 0.25) - entropy down, behaviour steady; ``drift`` when P
 ``healthy``. With a probe ratio, entropy down and diversity steady reads ``recognition`` only when the ratio's rise
 over its baseline has a bootstrap interval above 1 (the model sharpened on its own samples relative to foreign
 text), and ``drift`` when the interval holds 1 (both sides fell: they share the prompt, so the traffic changed).
+Before any of that, ``unknown`` while the model's revision has no baseline in use or the window holds too little
+(``monitors.evidence_tokens`` / ``evidence_responses``): :mod:`proxy.baselines.live`, docs/baselines.md.
 """
 
 from __future__ import annotations
@@ -280,8 +282,9 @@ class Monitoring:
             self._thread = None
 
     # -- inputs from other components -----------------------------------------------------------------------------
-    def feedback(self, model: str, mean_entropy: float, score: float) -> None:
-        self._get(self.label(model)).fit.add(mean_entropy, score)
+    def feedback(self, model: str, mean_entropy: float, score: float, key: Any = None) -> None:
+        """A label for the entropy-performance fit; ``key`` (the response id) makes a relabel replace, not add."""
+        self._get(self.label(model)).fit.add(mean_entropy, score, key=key)
 
     def set_recognition_ratio(self, model: str, value: float) -> None:
         label = self.label(model)
@@ -331,6 +334,7 @@ class Monitoring:
                                               else [round(x, 4) for x in mm.recognition_rise_interval]),
                 "performance_law": None if fit is None else {
                     "a": fit.a, "b": fit.b, "ceiling": fit.ceiling, "points": fit.n, "r2": fit.r2,
+                    "labels": fit.labels, "window": mm.fit.window,
                 },
             }
         out: dict[str, Any] = {
