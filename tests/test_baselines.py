@@ -383,3 +383,23 @@ def test_an_old_baseline_file_pins_with_measures_read_off_its_histogram() -> Non
     assert approx.response_entropy_mean == exact.response_entropy_mean and approx.diversity == {"format_entropy": 1.2}
     full = Baseline.from_file_entry("m", "r2", "pinned", {**old_entry, "baseline": exact.to_dict()})
     assert full.token_entropy_p80 == exact.token_entropy_p80 and full.revision == "r2" and full.note is None
+
+
+async def test_a_replica_restarted_during_a_bad_rollout_compares_with_the_stored_baseline(tmp_path: Path) -> None:
+    """Before baselines were stored, a replica restarted into collapsed traffic learnt it as normal (`healthy`)."""
+    url = f"sqlite:///{tmp_path}/audit.db"
+    rng = np.random.default_rng(11)
+    async with replica(url, Upstream()) as a:
+        await feed(a, rng, 40)
+        await a.state.baselines.sync()
+        assert a.state.baselines.current("m") is not None
+    async with replica(url, Upstream()) as b:
+        mon = b.state.monitoring
+        for _ in range(120):  # collapsed: entropy at 40 %, one answer to everything
+            h = token_entropies(rng, 64, 0.4)
+            b.state.hub.observe(observation(h, "The answer is fixed.", prompt=f"prompt {int(rng.integers(0, 8))}"))
+        while mon.processed + mon.dropped < 120:
+            await asyncio.sleep(0.005)
+        st = status(b)
+        assert st["baseline"]["in_use"]["source"] == "auto"
+        assert st["state"] == "collapse", st["diagnosis"]
