@@ -17,16 +17,19 @@ collapse; entropy down with diversity steady = recognition" (RESEARCH section 7)
 reads ~0. ``COLLAPSE_THRESHOLD`` = 0.5 is the line the diagnosis and the default alert use.
 
 **Entropy-performance law** (Cui et al., arXiv 2505.22617): R = -a exp(H) + b, performance saturating as H -> 0
-with ceiling R(0) = b - a. It is linear in (a, b) with regressor x = exp(H), so ordinary least squares fits it in
-closed form over labelled (mean entropy, score) pairs; :class:`PerformanceFit` keeps the last ``max_points`` and
-reports a, b and the ceiling once ``min_points`` exist and exp(H) varies.
+with ceiling R(0) = b - a. The paper relates a *policy's* entropy to its accuracy across checkpoints, not one
+response's entropy to its own 0/1 label, so the fit runs over aggregates: :class:`PerformanceFit` groups the
+labelled responses of a model into consecutive time windows of ``window`` labels and fits one point per window
+(mean entropy, mean score = accuracy); canary rounds give such points directly (mean entropy, pass@1). It is
+linear in (a, b) with regressor x = exp(H), so ordinary least squares fits it in closed form. The ceiling is a
+performance, so it is clipped to [0, 1]. A response labelled again (feedback replaces the earlier label) counts
+once, with its latest label.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -122,9 +125,10 @@ class CollapseMonitor:
 class LawFit:
     a: float
     b: float
-    ceiling: float  # b - a: predicted performance at H = 0
-    n: int
+    ceiling: float  # b - a, clipped to [0, 1]: predicted performance at H = 0
+    n: int  # points fitted (windows or rounds)
     r2: float
+    labels: int = 0  # labelled responses behind the points (0 when the points are not windows of labels)
 
 
 def fit_entropy_performance(h: NDArray[np.float64], r: NDArray[np.float64]) -> LawFit | None:
@@ -146,22 +150,48 @@ def fit_entropy_performance(h: NDArray[np.float64], r: NDArray[np.float64]) -> L
     ss_res = float(np.sum((r - (b - a * x)) ** 2))
     ss_tot = float(np.sum((r - rm) ** 2))
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
-    return LawFit(a=a, b=b, ceiling=b - a, n=int(h.size), r2=r2)
+    return LawFit(a=a, b=b, ceiling=min(1.0, max(0.0, b - a)), n=int(h.size), r2=r2)
 
 
 class PerformanceFit:
-    """Labelled (mean entropy, score) pairs of one model, the last ``max_points``; fit once ``min_points`` exist."""
+    """Labelled responses of one model (the last ``max_points``), each counted once, fitted over time windows.
 
-    def __init__(self, max_points: int = 5_000, min_points: int = 30) -> None:
-        self.min_points = min_points
-        self._pts: deque[tuple[float, float]] = deque(maxlen=max_points)
+    :meth:`add` takes a response's mean entropy and its score (1/0 for correct/incorrect, or a score in [0, 1]);
+    ``key`` identifies the response, so a later label for it replaces the earlier one. :meth:`fit` splits the
+    labels, in arrival order, into consecutive windows of ``window`` labels (a last, partial window is left out
+    until it fills), one point each - (mean entropy, mean score) - and fits once ``min_windows`` points exist.
+    """
 
-    def add(self, mean_entropy: float, score: float) -> None:
-        if math.isfinite(mean_entropy) and math.isfinite(score):
-            self._pts.append((mean_entropy, score))
+    def __init__(self, max_points: int = 5_000, window: int = 50, min_windows: int = 4) -> None:
+        self.window, self.min_windows, self.max_points = window, min_windows, max_points
+        self._pts: dict[Any, tuple[float, float]] = {}  # insertion order = arrival order of the first label
+        self._seq = 0
+
+    def add(self, mean_entropy: float, score: float, *, key: Any = None) -> None:
+        if not (math.isfinite(mean_entropy) and math.isfinite(score)):
+            return
+        if key is None:
+            key, self._seq = ("_anonymous", self._seq), self._seq + 1
+        self._pts[key] = (mean_entropy, score)  # a repeated key keeps its place and takes the new label
+        while len(self._pts) > self.max_points:
+            del self._pts[next(iter(self._pts))]
+
+    def __len__(self) -> int:
+        return len(self._pts)
+
+    def windows(self) -> list[tuple[float, float]]:
+        """(mean entropy, mean score) of each complete window of ``window`` labels, oldest first."""
+        arr = np.asarray(list(self._pts.values()), dtype=np.float64).reshape(-1, 2)
+        full = arr.shape[0] // self.window
+        if full == 0:
+            return []
+        means = arr[: full * self.window].reshape(full, self.window, 2).mean(axis=1)
+        return [(float(h), float(r)) for h, r in means]
 
     def fit(self) -> LawFit | None:
-        if len(self._pts) < self.min_points:
+        w = self.windows()
+        if len(w) < self.min_windows:
             return None
-        arr = np.asarray(self._pts, dtype=np.float64)
-        return fit_entropy_performance(arr[:, 0], arr[:, 1])
+        arr = np.asarray(w, dtype=np.float64)
+        got = fit_entropy_performance(arr[:, 0], arr[:, 1])
+        return None if got is None else replace(got, labels=len(w) * self.window)

@@ -244,16 +244,17 @@ class Metrics:
     # -- called by other components ---------------------------------------------------------------------------------
     def feedback(
         self, model: str, correct: bool, *, confident: bool = False,
-        mean_entropy: float | None = None, score: float | None = None,
+        mean_entropy: float | None = None, score: float | None = None, key: Any = None,
     ) -> None:
         """A correctness label arrived; ``confident``: the response had the `confident` flag. With
-        ``mean_entropy`` the (entropy, score or correct) pair also feeds the entropy-performance fit."""
+        ``mean_entropy`` the (entropy, score or correct) pair also feeds the entropy-performance fit, where
+        ``key`` (the response id) counts a relabelled response once."""
         label = self.model_label(model)
         self.feedback_total.labels(label, "correct" if correct else "incorrect").inc()
         if confident and not correct:
             self.confident_wrong_total.labels(label).inc()
         if mean_entropy is not None and self.monitoring is not None:
-            self.monitoring.feedback(model, mean_entropy, float(correct) if score is None else score)
+            self.monitoring.feedback(model, mean_entropy, float(correct) if score is None else score, key=key)
 
     def observe_semantic(self, model: str, nats: float) -> None:
         self.semantic_entropy.labels(self.model_label(model)).observe(max(0.0, float(nats)))

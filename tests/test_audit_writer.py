@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import random
 import socket
 import time
@@ -34,7 +35,7 @@ class FakeMetrics:
         self.calls[("audit_dropped", reason)] += n
 
     def feedback(self, model: str, correct: bool, *, confident: bool = False, mean_entropy: float | None = None,
-                 score: float | None = None) -> None:
+                 score: float | None = None, key: Any = None) -> None:
         self.calls[("feedback", (model, correct))] += 1
         if confident and not correct:
             self.calls[("confident_wrong", model)] += 1
@@ -98,16 +99,22 @@ async def test_flush_on_shutdown(sqlite_url: str) -> None:
     assert sum(w.dropped.values()) == 0 and w.written == 500
 
 
-async def _submit_timed(w: AuditWriter, n: int) -> float:
-    """Submit n observations; returns the worst single submit() time after checking the mean."""
-    observations = [make_obs(f"x-{i}") for i in range(n)]
-    times = []
-    for o in observations:
-        t0 = time.perf_counter()
-        w.submit(o)
-        times.append(time.perf_counter() - t0)
-    assert sum(times) / n < 50e-6, f"mean submit {sum(times) / n * 1e6:.1f} us"
-    return max(times)
+def _submit_all(w: AuditWriter, n: int) -> int:
+    """Submit n observations back to back from the event loop's thread; returns how many were queued.
+
+    ``submit`` is a plain function: it cannot hand the loop to the store, so every call returns whatever the
+    store is doing (a store it waited for would hang this test). Its speed is measured in
+    ``bench/audit_submit.py``, not asserted here."""
+    assert not inspect.iscoroutinefunction(w.submit)
+    return sum(w.submit(make_obs(f"x-{i}")) for i in range(n))
+
+
+async def _until(what: str, predicate: Any, timeout: float = 30.0) -> None:
+    """Wait for an event the writer's task produces (the timeout bounds a hang, it is not the claim)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("kind", ["dead", "hung"])
@@ -120,15 +127,11 @@ async def test_store_down_never_blocks_and_counts(kind: str, tmp_path: Path, bla
     metrics = FakeMetrics()
     w = AuditWriter(AuditStore(url, pool_timeout_s=0.3), queue_size=100, batch_size=20, write_timeout_s=0.3,
                     shutdown_timeout_s=1.0, metrics=lambda: metrics)
-    t0 = time.perf_counter()
-    await w.start()  # the store does not answer: start-up logs it and goes on
-    assert time.perf_counter() - t0 < 2.0
+    await w.start()  # the store does not answer: start-up logs it and goes on (bounded by pool_timeout_s)
     assert not w.store_ok
-    worst = await _submit_timed(w, 1000)
-    assert worst < 0.05, f"submit took {worst * 1e3:.1f} ms"  # no I/O: a miss here is scheduling noise
-    assert w.dropped["queue_full"] >= 880
-    await asyncio.sleep(1.0)  # the writer tries, fails, drops by batch
-    assert w.dropped["store_error"] >= 20
+    queued = _submit_all(w, 1000)
+    assert queued <= 120 and w.dropped["queue_full"] == 1000 - queued
+    await _until("a failed batch", lambda: w.dropped["store_error"] >= 20)  # the writer tries, fails, drops
     await w.stop()
     assert w.written == 0
     total = sum(w.dropped.values())
@@ -136,26 +139,33 @@ async def test_store_down_never_blocks_and_counts(kind: str, tmp_path: Path, bla
     assert sum(v for (name, _), v in metrics.calls.items() if name == "audit_dropped") == 1000
 
 
-async def test_slow_store_never_blocks(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_blocked_store_never_blocks_submit(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's write is held until the test lets it go: every submit meanwhile returns, the queue fills to its
+    bound and the rest is counted as dropped; once released, what was queued is written."""
     store = AuditStore(sqlite_url)
     real_insert = store.insert_batch
+    entered, release = asyncio.Event(), asyncio.Event()
     calls = 0
 
-    async def slow_insert(rows: list[dict[str, Any]], probe_rows: Any = ()) -> None:
+    async def held_insert(rows: list[dict[str, Any]], probe_rows: Any = ()) -> None:
         nonlocal calls
         calls += 1
-        await asyncio.sleep(0.3)
+        entered.set()
+        await release.wait()
         await real_insert(rows, probe_rows)
 
-    monkeypatch.setattr(store, "insert_batch", slow_insert)
+    monkeypatch.setattr(store, "insert_batch", held_insert)
     w = AuditWriter(store, queue_size=50, batch_size=10)
     await w.start()
-    worst = await _submit_timed(w, 200)
-    assert worst < 0.05
-    assert w.dropped["queue_full"] == 150
-    assert await w.flush(10)
+    assert w.submit(make_obs("first"))
+    await asyncio.wait_for(entered.wait(), 30)  # the writer's task is inside the store, held
+    queued = _submit_all(w, 200)
+    assert not release.is_set() and calls == 1  # all 200 calls returned while the store held its first write
+    assert queued == 50 and w.dropped["queue_full"] == 150
+    release.set()
+    assert await w.flush(30)
     await w.stop()
-    assert w.written == 50 and calls == 5
+    assert w.written == 51 and calls == 1 + 50 // 10
 
 
 async def test_proxy_keeps_answering_with_store_down(tmp_path: Path) -> None:
@@ -179,11 +189,8 @@ async def test_proxy_keeps_answering_with_store_down(tmp_path: Path) -> None:
 
     async with cm:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            t0 = time.perf_counter()
             answers = [await client.post("/v1/chat/completions", json={}) for _ in range(50)]
-            elapsed = time.perf_counter() - t0
             assert all(r.status_code == 200 for r in answers)
-            assert elapsed < 2.0
             fb = await client.post("/v1/feedback", json={"id": "chatcmpl-0", "correct": False})
             assert fb.status_code == 503  # the store is down: said so, in the OpenAI error shape
             assert fb.json()["error"]["code"] == "audit_store_unavailable"

@@ -61,9 +61,39 @@ def test_entropy_performance_law_fit() -> None:
     assert fit.a == pytest.approx(0.2, abs=0.01) and fit.b == pytest.approx(0.95, abs=0.02)
     assert fit.ceiling == pytest.approx(0.75, abs=0.02) and fit.r2 > 0.95
     assert fit_entropy_performance(np.ones(10), np.ones(10)) is None  # no spread in H
-    pf = PerformanceFit(min_points=30)
-    for x, y in zip(h[:29], r[:29], strict=True):
-        pf.add(float(x), float(y))
-    assert pf.fit() is None
-    pf.add(float(h[29]), float(r[29]))
-    assert pf.fit() is not None
+    steep = fit_entropy_performance(h, -0.2 * np.exp(h) + 1.4)
+    assert steep is not None and steep.b - steep.a > 1 and steep.ceiling == 1.0  # a performance: clipped
+
+
+def test_performance_fit_over_windows_of_labels() -> None:
+    """0/1 labels drawn with accuracy -0.2 exp(H) + 0.95 of the window's entropy: the windowed fit recovers the
+    law; a fit on the single labels (what the monitor did before) does not, and cannot reach r2 > 0.5."""
+    rng = np.random.default_rng(8)
+    pf = PerformanceFit(window=100, min_windows=4)
+    all_h, all_y = [], []
+    for level in np.linspace(0.2, 1.4, 12):  # the model's entropy drifts over time, one level per window
+        for _ in range(100):
+            h = float(level + rng.normal(0, 0.1))
+            y = float(rng.random() < -0.2 * np.exp(level) + 0.95)
+            pf.add(h, y, key=f"r{len(all_h)}")
+            all_h.append(h)
+            all_y.append(y)
+        if len(pf.windows()) == 3:
+            assert pf.fit() is None  # fewer than min_windows points
+    fit = pf.fit()
+    assert fit is not None and fit.n == 12 and fit.labels == 1200
+    assert fit.a == pytest.approx(0.2, abs=0.06) and fit.ceiling == pytest.approx(0.75, abs=0.06) and fit.r2 > 0.8
+    per_label = fit_entropy_performance(np.asarray(all_h), np.asarray(all_y))
+    assert per_label is not None and per_label.r2 < 0.5
+
+
+def test_a_relabelled_response_counts_once() -> None:
+    pf = PerformanceFit(window=2, min_windows=1)
+    pf.add(1.0, 0.0, key="a")
+    pf.add(1.0, 1.0, key="a")  # the label flipped: it replaces the first
+    assert len(pf) == 1 and pf.windows() == []
+    pf.add(3.0, 0.0, key="b")
+    assert pf.windows() == [(2.0, 0.5)]
+    pf.add(5.0, 1.0)  # without a key every label is its own response
+    pf.add(5.0, 1.0)
+    assert len(pf) == 4

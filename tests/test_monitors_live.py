@@ -131,9 +131,11 @@ def test_fixed_threshold_and_feedback_fit() -> None:
     rng = np.random.default_rng(3)
     mon2 = _mon()
     assert mon2.current_forking_threshold("anything") == 0.672
-    for h in rng.uniform(0.1, 1.5, 40):
-        mon2.feedback("m", float(h), float(-0.2 * np.exp(h) + 0.95))
-    assert mon2.status()["models"]["m"]["performance_law"]["ceiling"] == pytest.approx(0.75)
+    for i, h in enumerate(np.repeat(np.linspace(0.1, 1.5, 5), 50)):  # 5 windows of 50 labels
+        mon2.feedback("m", float(h), float(-0.2 * np.exp(h) + 0.95), key=f"r{i}")
+        mon2.feedback("m", float(h), float(-0.2 * np.exp(h) + 0.95), key=f"r{i}")  # relabelled: counted once
+    law = mon2.status()["models"]["m"]["performance_law"]
+    assert law["ceiling"] == pytest.approx(0.75) and law["points"] == 5 and law["labels"] == 250
 
 
 def test_request_path_cost(capsys) -> None:  # type: ignore[no-untyped-def]

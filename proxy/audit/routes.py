@@ -125,6 +125,7 @@ async def _update_metrics(
         confident=any("confident" in r["flags"] for r in rows),
         mean_entropy=rows[0]["mean_entropy"],
         score=fb["score"],
+        key=rows[0]["response_id"],
     )
     pairs = await store.labelled(model=model, limit=window)
     cal = calibration([q for q, _ in pairs], [1.0 if ok else 0.0 for _, ok in pairs])
