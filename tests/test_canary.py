@@ -226,6 +226,11 @@ async def test_the_app_runs_rounds_stores_them_per_revision_and_exports_them(pro
         rows = await app.state.canary.rounds.latest("smollm2")
         assert len(rows) == 1 and rows[0].revision == "rev-7" and rows[0].verdict["state"] == "unknown"
         assert {p.prompt_id for p in rows[0].prompts} == {f"p{i}" for i in range(6)} | {"count"}
+        page = await client.get("/audit")
+        assert page.status_code == 200, page.text
+        assert '<section id="canary">' in page.text
+        assert 'class="canary-model" data-model="smollm2" data-state="unknown"' in page.text
+        assert "baseline round 1 of 5" in page.text and "rev-7" in page.text
 
 
 @pytest.mark.parametrize("leader", [True, False])

@@ -190,6 +190,12 @@ def _select(name: str, options: list[str], current: str | None) -> str:
     return f'<label>{name} <select name="{name}">{"".join(opts)}</select></label>'
 
 
+def _canary(report: Report) -> str:
+    from proxy.canary.render import canary_html  # imported here: proxy.canary imports the audit store
+
+    return canary_html(report.canary)
+
+
 def render_page(report: Report) -> str:
     f = report.filters
     cal = report.calibration
@@ -217,6 +223,7 @@ def render_page(report: Report) -> str:
 {escape(("· filtered by " + urlencode(active)) if active else "")} · token shading: 0
 <span class="legend"></span> {SHADE_MAX:g}+ nats (hover a token for details)</div></section>
 <section id="state"><h2>Entropy state per model</h2>{render_states(report)}</section>
+<section id="canary"><h2>Canary rounds</h2>{_canary(report)}</section>
 <section id="confident-wrong"><h2>Confident but wrong ({len(report.confident_wrong)})</h2>
 {wrong or '<p class="muted">No response flagged confident has been labelled incorrect.</p>'}</section>
 <section id="calibration"><h2>Calibration of confidence against feedback</h2>

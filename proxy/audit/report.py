@@ -43,6 +43,7 @@ class Report:
     states: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> monitoring status (state, diagnosis)
     # (score, AUROC for wrong answers, responses used), best first: confidence, mean entropy, semantic entropy
     scores: list[tuple[str, float | None, int]] = field(default_factory=list)
+    canary: dict[str, list[Any]] = field(default_factory=dict)  # model -> latest canary rounds (proxy.canary)
 
 
 async def build_report(
@@ -74,7 +75,14 @@ async def build_report(
         probe_recent=await store.recent_probe_results(model=f.model, limit=min(f.limit, 20)),
         states=dict(states or {}),
         scores=score_ranking(await store.labelled_scores(model=f.model, limit=window)),
+        canary=await _canary_rounds(store),
     )
+
+
+async def _canary_rounds(store: AuditStore) -> dict[str, list[Any]]:
+    from proxy.canary.render import load_rounds  # imported here: proxy.canary imports the audit store
+
+    return await load_rounds(store)
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
