@@ -101,26 +101,24 @@ def _chat_fast(content: list[Any]) -> Positions | None:
 def chat_positions_typed(content: list[Any]) -> Positions | None:
     """``_chat_fast`` over typed entries (attributes ``token``, ``logprob``, ``top_logprobs``) as the fast path's
     decoder (``proxy.hotpath``) builds them; the same criteria, so the same Positions or None. Kept next to
-    ``_chat_fast`` so that a change to one is made to both (tests/test_hotpath.py compares them)."""
+    ``_chat_fast`` so that a change to one is made to both (tests/test_hotpath.py compares them). The decoder
+    reads JSON numbers only, so no NaN can arrive here; the checks stay in Python (one or a few rows a call in a
+    stream, where numpy's per-call cost would dominate)."""
     if not content:
         return None
     tops = [p.top_logprobs for p in content]
-    try:
-        arr = np.array([[e.logprob for e in t] for t in tops], dtype=np.float64)
-    except ValueError:  # rows of different widths
+    rows = [[e.logprob for e in t] for t in tops]
+    width = len(rows[0])
+    if not width or any(len(r) != width for r in rows):
+        return None
+    # The sampled entry matches in value too: a same-string sibling (two byte-fallback tokens) is not it.
+    if not all(t[0].token == p.token and t[0].logprob == p.logprob for t, p in zip(tops, content, strict=True)):
         return None
     tokens = [p.token for p in content]
-    sampled = np.array([p.logprob for p in content], dtype=np.float64)
-    # The sampled entry matches in value too: a same-string sibling (two byte-fallback tokens) is not it.
-    if arr.ndim != 2 or arr.shape[1] == 0 or not all(
-        t[0].token == p.token and t[0].logprob == p.logprob for t, p in zip(tops, content, strict=True)
-    ):
-        return None
-    if np.isnan(arr).any() or np.isnan(sampled).any():
-        return None
     alts = [[(e.token, e.logprob) for e in t[:N_ALTERNATIVES]] for t in tops]
-    impossible = int(np.count_nonzero(arr.max(axis=1) > 1e-6))
-    return Positions(arr, sampled, np.zeros(len(tokens), dtype=np.int64), None, tokens, alts, 0, impossible)
+    impossible = sum(1 for r in rows if max(r) > 1e-6)
+    return Positions(np.array(rows, dtype=np.float64), np.array([p.logprob for p in content], dtype=np.float64),
+                     np.zeros(len(tokens), dtype=np.int64), None, tokens, alts, 0, impossible)
 
 
 def chat_positions(content: list[Any] | None) -> Positions:
