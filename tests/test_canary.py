@@ -172,6 +172,8 @@ async def test_baseline_then_healthy_then_a_sharpened_model_reads_collapse(promp
     assert "interval" in " ".join(r.verdict["reasons"])
     st = c.status()["models"]["smollm2"]
     assert st["state"] == "collapse" and st["rounds"] == 7 and st["revision"] == "rev-a"
+    law = st["performance_law"]  # one point per round (mean entropy, pass@1), the ceiling a performance
+    assert law["rounds"] == 7 and 0.0 <= law["ceiling"] <= 1.0
 
 
 async def test_no_reference_no_ratio(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ import numpy as np
 from monitors import recognition as rec
 from monitors.canary import PromptRound, measure_prompt, pass_k_for, round_measures
 from monitors.canary_diagnosis import MIN_BASELINE, compare, diagnose_canary
+from monitors.collapse import fit_entropy_performance
 from monitors.entropy import estimate_positions
 
 from ..background.sampler import BackgroundSampler
@@ -44,6 +46,8 @@ PURPOSE = "canary"
 PAPER_FORKING = 0.672
 MAX_MODELS = 8
 SCORE_ALLOWANCE = 8  # tokens beyond the prompt and text a re-scoring request may count
+LAW_ROUNDS = 200  # canary rounds behind the entropy-performance fit (one point per round: mean entropy, pass@1)
+MIN_LAW_ROUNDS = 4
 
 
 @dataclass(slots=True)
@@ -55,6 +59,7 @@ class ModelState:
     baseline_measures: dict[str, float | None] = field(default_factory=dict)
     rounds: int = 0
     incomplete: int = 0
+    law_points: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=LAW_ROUNDS))
 
 
 def fixed_forking(settings: Settings) -> float:
@@ -211,6 +216,9 @@ class Canary:
             await self.rounds.add(record)
             ms.revision, ms.last, ms.verdict = rev, record, record.verdict
             ms.rounds += 1
+            h, acc = record.measures.get("mean_entropy"), record.measures.get("pass_1")
+            if record.complete and h is not None and acc is not None:
+                ms.law_points.append((h, acc))
             ms.incomplete += 0 if record.complete else 1
             ms.baseline_rounds = min(self.min_baseline, len(baseline) + (1 if record.complete else 0))
             if baseline:
@@ -254,10 +262,23 @@ class Canary:
                     "state": (s.verdict or {}).get("state", "unknown"), "verdict": s.verdict,
                     "last_round": s.last.summary() if s.last else None,
                     "baseline_measures": {k: (None if v is None else round(v, 5))
-                                          for k, v in s.baseline_measures.items()}}
+                                          for k, v in s.baseline_measures.items()},
+                    "performance_law": _law(s)}
                 for m, s in list(self.state.items())
             },
         }
+
+
+def _law(s: ModelState) -> dict[str, Any] | None:
+    """R = -a exp(H) + b over this process's canary rounds (mean entropy, pass@1), once the entropy varies."""
+    if len(s.law_points) < MIN_LAW_ROUNDS:
+        return None
+    arr = np.asarray(s.law_points, dtype=np.float64)
+    fit = fit_entropy_performance(arr[:, 0], arr[:, 1])
+    if fit is None:
+        return None
+    return {"a": round(fit.a, 5), "b": round(fit.b, 5), "ceiling": round(fit.ceiling, 5), "rounds": fit.n,
+            "r2": round(fit.r2, 4)}
 
 
 def _mean_measures(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
