@@ -14,6 +14,7 @@ entropy, in a worker thread), :mod:`.observer` (the sampling decision and the ba
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ..settings import Settings
@@ -45,4 +46,12 @@ def install(
     mon = getattr(app.state, "monitoring", None)
     if mon is not None and hasattr(mon, "status_sections"):
         mon.status_sections["semantic"] = observer.status
-    return None
+
+    @contextlib.asynccontextmanager
+    async def lifespan() -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            observer.close()
+
+    return lifespan()

@@ -8,25 +8,28 @@ group, asks the upstream for ``semantic.samples`` answers to the same messages a
 case does not fit is refused, not sent). The client's response has long been sent by then: nothing here is on the
 client's path.
 
-Clustering runs in a worker thread (one at a time: a CapacityLimiter of 1), so the embedding model never blocks
-the event loop. The result goes to the histogram ``entropy_proxy_semantic_entropy_nats{model}``, to the audit
-record (the response is recorded even if the audit writer had not sampled it), and, when the response was flagged
-``confident`` and its semantic entropy is at least ``semantic.uncertain_nats``, the record gets the flag
-``confident_inconsistent``: token-confident, but the model does not say the same thing twice.
+Clustering runs in a worker thread of its own (one at a time, at niceness 10, so that on a machine with few
+cores the scheduler prefers the event loop's thread), so the embedding model never blocks the event loop. The
+result goes to the histogram ``entropy_proxy_semantic_entropy_nats{model}``, to the audit record (the response is
+recorded even if the audit writer had not sampled it), and, when the response was flagged ``confident`` and its
+semantic entropy is at least ``semantic.uncertain_nats``, the record gets the flag ``confident_inconsistent``:
+token-confident, but the model does not say the same thing twice.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-
-import anyio
-import anyio.to_thread
 
 from ..observe import Observation
 from ..settings import SemanticSettings
@@ -38,6 +41,7 @@ PURPOSE = "semantic"
 FLAG = "confident_inconsistent"
 MIN_SAMPLE_TOKENS = 16
 AUDIT_FLUSH_S = 10.0
+NICENESS = 10
 
 
 @dataclass(slots=True, frozen=True)
@@ -69,7 +73,7 @@ class SemanticObserver:
         self.clusterer = clusterer
         self._state = state  # app.state: metrics, audit writer, is_leader are looked up per use
         self._rng = rng or random.Random()
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self.sampled = 0  # jobs handed to the sampler
         self.not_spawned = 0  # the sampler's queue was full or it was not running
         self.no_answer = 0  # the sampler refused (budget) or the upstream failed
@@ -116,9 +120,8 @@ class SemanticObserver:
         if not samples:
             self.no_answer += 1
             return
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(1)
-        result = await anyio.to_thread.run_sync(self.clusterer.run, samples, snap.completion, limiter=self._limiter)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._pool(), self.clusterer.run, samples, snap.completion)
         self.results += 1
         self.cpu_s += result.cpu_s
         flag = FLAG if "confident" in snap.flags and result.entropy >= self.cfg.uncertain_nats else None
@@ -133,6 +136,16 @@ class SemanticObserver:
         for sink in list(self.sinks):
             sink(snap, result)
         await self._record(snap, result, flag)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="semantic", initializer=_lower_priority)
+        return self._executor
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     async def _record(self, snap: _Snapshot, result: SemanticResult, flag: str | None) -> None:
         writer = self._get("audit_writer")
@@ -156,6 +169,12 @@ class SemanticObserver:
             "cpu_s_per_result": round(self.cpu_s / self.results, 4) if self.results else None,
             "recent": list(self.recent)[-5:],
         }
+
+
+def _lower_priority() -> None:
+    """Run the clustering thread at a lower CPU priority than the event loop's (Linux: niceness is per thread)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
 
 
 def _samples(data: dict[str, Any] | None) -> list[tuple[str, list[float]]]:
