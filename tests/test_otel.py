@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -39,7 +40,7 @@ def collector(monkeypatch: pytest.MonkeyPatch):
 
 
 def otel_client(up: RecordedUpstream, *components: str, **settings: Any):
-    return proxy_client(up, components=("proxy.otel", *components), **{"otel.enabled": True, **settings})
+    return proxy_client(up, components=(*components, "proxy.otel"), **{"otel.enabled": True, **settings})
 
 
 def evaluations(span: dict[str, Any]) -> list[dict[str, Any]]:
@@ -235,6 +236,26 @@ async def test_feedback_and_later_evaluations_join_the_response_trace(recorded: 
         assert ev["gen_ai.evaluation.score.value"] == value and ev["gen_ai.evaluation.score.label"] == label
         assert ev["gen_ai.response.id"] == rid
     assert len(spans) == 3  # the 404 feedback made no span
+
+
+async def test_semantic_entropy_results_become_evaluations_in_the_trace(recorded: RecordedUpstream,
+                                                                         collector) -> None:
+    recorded.serve("/v1/chat/completions", "chat_k20.json")
+    async with otel_client(recorded, "tests.fakes.semantic_component") as c:
+        r = await c.post("/v1/chat/completions", json=CHAT)
+        rid = r.json()["id"]
+        [sink] = c.app.state.semantic.sinks  # otel hooked itself onto the semantic part
+        result = SimpleNamespace(entropy=0.9, discrete=0.67, samples=5, clusters=[{}, {}])
+        sink(SimpleNamespace(request_id=rid, choice_index=0, flags=frozenset({"confident"})), result)
+        sink(SimpleNamespace(request_id=rid, choice_index=0, flags=frozenset()),
+             SimpleNamespace(entropy=0.1, discrete=0.0, samples=5, clusters=[{}]))
+    spans = collector.wait_for(3)
+    req = next(s for s in spans if s["name"] == "chat smollm2")
+    evs = [evaluations(s)[0] for s in spans if s["name"] == "evaluation semantic_entropy"]
+    assert all(s["parent_span_id"] == req["span_id"] for s in spans if s is not req)
+    assert [(e["gen_ai.evaluation.score.value"], e["gen_ai.evaluation.score.label"]) for e in evs] == [
+        (0.9, "confident_inconsistent"), (0.1, "consistent")]  # semantic.uncertain_nats: 0.6 by default
+    assert evs[0]["entropy_proxy.semantic.clusters"] == 2 and evs[0]["entropy_proxy.choice.index"] == 0
 
 
 def test_off_loads_no_opentelemetry(tmp_path: Path) -> None:

@@ -6,8 +6,9 @@ a pure ASGI middleware (``middleware.py``) traces chat/completions requests and 
 ``traceparent``; an observer on the hub hands each request its per-choice entropy summaries; spans are built
 after the response (``spans.py``) and exported in batches off the request path (``export.py``).
 
-Other parts add later evaluations of a response through ``app.state.otel.evaluation(response_id, name, value,
-label)`` (e.g. semantic entropy); ``POST /v1/feedback`` labels are exported that way by the middleware.
+Later evaluations of a response go through ``app.state.otel.evaluation(response_id, name, value, label)``:
+``POST /v1/feedback`` labels (the middleware) and semantic entropy (a sink on ``app.state.semantic``, when the
+semantic part is installed before this one, as ``COMPONENTS`` orders it).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def install(app: Any, settings: Any, hub: Any, registry: Any) -> Any:
     app.state.otel = tracing
     hub.add(RecordObserver())
     app.add_middleware(OtelMiddleware, tracing=tracing)
+    semantic = getattr(app.state, "semantic", None)
+    if semantic is not None and isinstance(getattr(semantic, "sinks", None), list):
+        semantic.sinks.append(semantic_sink(tracing, getattr(getattr(settings, "semantic", None), "uncertain_nats",
+                                                             None)))
 
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
@@ -44,3 +49,22 @@ def install(app: Any, settings: Any, hub: Any, registry: Any) -> Any:
                 await anyio.to_thread.run_sync(tracing.shutdown, SHUTDOWN_S)
 
     return lifespan()
+
+
+def semantic_sink(tracing: Any, uncertain_nats: float | None) -> Any:
+    """A sink for the semantic part's results (``sink(snapshot, result)``): one ``semantic_entropy`` evaluation
+    in the response's trace. Label: ``confident_inconsistent`` (token-confident, meanings disagree),
+    ``inconsistent`` (at least ``semantic.uncertain_nats``) or ``consistent``."""
+
+    def sink(snap: Any, result: Any) -> None:
+        high = uncertain_nats is not None and result.entropy >= uncertain_nats
+        label = ("confident_inconsistent" if high and "confident" in snap.flags
+                 else "inconsistent" if high else "consistent")
+        tracing.evaluation(
+            snap.request_id, "semantic_entropy", result.entropy, label,
+            f"{result.samples} samples in {len(result.clusters)} meaning clusters, nats",
+            event_attributes={"entropy_proxy.choice.index": snap.choice_index,
+                              "entropy_proxy.semantic.discrete": result.discrete,
+                              "entropy_proxy.semantic.clusters": len(result.clusters)})
+
+    return sink

@@ -88,6 +88,8 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         self._bp.emit(span)
 
     def shutdown(self, timeout_millis: int = 30000) -> None:  # type: ignore[override]
+        if self._bp._shutdown:  # noqa: SLF001 - the lifespan's stop, then the provider's atexit hook
+            return
         self._bp.shutdown(timeout_millis=timeout_millis)
         left = self.queued()
         if left:

@@ -40,11 +40,12 @@ _REQUEST_PARAMS: tuple[tuple[str, str, type], ...] = (
     ("presence_penalty", "gen_ai.request.presence_penalty", float),
     ("seed", "gen_ai.request.seed", int),
 )
-# The summary fields each choice reports as an evaluation: (evaluation name, summary key, explanation)
-ENTROPY_EVALUATIONS: tuple[tuple[str, str, str], ...] = (
-    ("mean_entropy", "mean", "mean token entropy, nats"),
-    ("confidence", "confidence", "geometric-mean probability of the sampled tokens"),
-    ("forking_fraction", "forking_fraction", "fraction of tokens above the forking-entropy threshold"),
+# The summary fields each choice reports as an evaluation: (evaluation name, summary key). Kept to five attributes
+# an event: the SDK's attribute checks are most of a span's cost (docs/benchmarks.md).
+ENTROPY_EVALUATIONS: tuple[tuple[str, str], ...] = (
+    ("mean_entropy", "mean"),  # mean token entropy, nats
+    ("confidence", "confidence"),  # geometric-mean probability of the sampled tokens
+    ("forking_fraction", "forking_fraction"),  # share of tokens above the forking-entropy threshold
 )
 _MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
@@ -258,14 +259,13 @@ class Tracing:
         for obs in rec.observations:
             label = _flags_label(obs.summary)
             ts = int(obs.created * 1e9)
-            for ev_name, key, explanation in ENTROPY_EVALUATIONS:
+            for ev_name, key in ENTROPY_EVALUATIONS:
                 value = obs.summary.get(key)
                 if value is None:
                     continue
                 span.add_event(EVALUATION_EVENT, evaluation_event(
-                    ev_name, value, label, obs.request_id, explanation,
-                    **{"entropy_proxy.choice.index": obs.choice_index,
-                       "entropy_proxy.entropy.tokens": obs.summary.get("tokens")}), timestamp=ts)
+                    ev_name, value, label, obs.request_id,
+                    **{"entropy_proxy.choice.index": obs.choice_index}), timestamp=ts)
         if status >= 500 or error:
             span.set_status(Status(StatusCode.ERROR, error or str(status)))
         span.end(end_time=rec.end_ns)
@@ -287,7 +287,8 @@ class Tracing:
     # -- later evaluations -------------------------------------------------------------------------------------------
     def evaluation(self, response_id: str, name: str, value: float | None, label: str | None = None,
                    explanation: str | None = None, *, parent: tuple[int, int, int] | None = None,
-                   start_ns: int | None = None, attributes: dict[str, Any] | None = None) -> None:
+                   start_ns: int | None = None, attributes: dict[str, Any] | None = None,
+                   event_attributes: dict[str, Any] | None = None) -> None:
         """A ``gen_ai.evaluation.result`` that arrives after its response's span ended (feedback, semantic
         entropy): a short span of its own, child of (and linked to) the response's span when this process
         still knows it, else of ``parent`` (the caller's trace) or a new trace. Safe from any thread."""
@@ -302,7 +303,8 @@ class Tracing:
             attrs: dict[str, Any] = {"gen_ai.response.id": response_id, **(attributes or {})}
             span = self.tracer.start_span(f"evaluation {name}", context=ctx, kind=SpanKind.INTERNAL,
                                           attributes=attrs, links=links, start_time=start_ns)
-            span.add_event(EVALUATION_EVENT, evaluation_event(name, value, label, response_id, explanation))
+            span.add_event(EVALUATION_EVENT, evaluation_event(name, value, label, response_id, explanation,
+                                                              **(event_attributes or {})))
             span.end()
         except Exception:  # noqa: BLE001
             log.exception("building the %s evaluation span failed", name)
