@@ -259,3 +259,40 @@ def test_a_bad_prompt_file_stops_start_up_naming_the_key(tmp_path: Path) -> None
     s = load_settings({"upstream": "http://fake", "canary.enabled": True, "canary.prompts_file": str(f)}, environ={})
     with pytest.raises(SettingsError, match=r"^canary.prompts_file: .*kind"):
         create_app(s, components=COMPONENTS)
+
+
+# -- the store, on SQLite and a real PostgreSQL ----------------------------------------------------------------------
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/audit.db"
+    return str(request.getfixturevalue("postgres_db_url"))
+
+
+async def test_database_rounds_per_revision(store_url: str) -> None:
+    from monitors.canary import PromptRound
+    from proxy.audit.store import AuditStore
+    from proxy.canary.store import DatabaseRounds, RoundRecord
+
+    store = AuditStore(store_url)
+    await store.start()
+    try:
+        rounds = DatabaseRounds(store)
+        p = PromptRound("q", "check", 5, 100, 1.2, 2.0, 0.3, 0.6, 0.5, {"prose": 4, "list": 1}, 2, 1.4)
+
+        def rec(rev: str, t: float, created: float, complete: bool = True) -> RoundRecord:
+            return RoundRecord("m", rev, t, 5, [p], 120, complete, {"mean_entropy": 1.2, "ratio": None},
+                               created=created, verdict={"state": "unknown", "reasons": [], "changes": []})
+
+        for i, (rev, t, ok) in enumerate([("a", 1.0, True), ("a", 1.0, False), ("a", 0.3, True), ("a", 1.0, True),
+                                          ("b", 1.0, True), ("a", 1.0, True)]):
+            await rounds.add(rec(rev, t, 1000.0 + i, ok))
+        base = await rounds.baseline("m", "a", 1.0, 5, 2)
+        assert [r.created for r in base] == [1000.0, 1003.0]  # complete, same temperature, oldest first
+        assert base[0].prompts == [p] and base[0].verdict == {"state": "unknown", "reasons": [], "changes": []}
+        assert await rounds.count("m", "a") == 5 and await rounds.count("m", "b") == 1
+        latest = await rounds.latest("m", 2)
+        assert [r.revision for r in latest] == ["a", "b"] and latest[0].pk is not None
+        assert await rounds.models() == ["m"]
+    finally:
+        await store.close()
