@@ -135,17 +135,26 @@ def start_upstream(workdir: Path, tokens: int) -> Target:
     return _spawn("upstream", argv, "/v1/models", port, workdir)
 
 
-def start_proxy(workdir: Path, upstream: str, workers: int = 1, top_k: int = 20) -> Target:
+def start_proxy(workdir: Path, upstream: str, workers: int = 1, top_k: int = 20, rev: str | None = None,
+                name: str = "proxy", env: dict[str, str] | None = None) -> Target:
+    """entropy-proxy from this tree, or (``rev``) from a git revision of it, extracted into ``workdir`` with
+    ``git archive`` so that before and after run side by side in one benchmark."""
     port = free_port()
     argv = [sys.executable, "-m", "proxy.cli", "serve", "--upstream", upstream, "--port", str(port)]
     if workers != 1:
         argv += ["--workers", str(workers)]
-    env = {"ENTROPY_PROXY_AUDIT__URL": f"sqlite:///{workdir}/audit.db", "ENTROPY_PROXY_LOG_LEVEL": "warning",
-           "ENTROPY_PROXY_TOP_K": str(top_k)}
-    t = _spawn("proxy", argv, "/readyz", port, workdir, env)
+    env = {"ENTROPY_PROXY_AUDIT__URL": f"sqlite:///{workdir}/{name}-audit.db", "ENTROPY_PROXY_LOG_LEVEL": "warning",
+           "ENTROPY_PROXY_TOP_K": str(top_k), **(env or {})}
+    if rev is not None:
+        tree = workdir / f"tree-{rev}"
+        tree.mkdir(exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        env["PYTHONPATH"] = str(tree)
+    t = _spawn(name, argv, "/readyz", port, workdir, env)
     from importlib.metadata import version
 
-    t.version = f"entropy-proxy {version('entropy-proxy')}"
+    t.version = f"entropy-proxy {version('entropy-proxy')}" + (f" ({name}: {rev})" if rev else "")
     return t
 
 

@@ -36,6 +36,13 @@ from bench._client import Connection, Response
 CHAT = "/v1/chat/completions"
 MODEL = "smollm2"
 TOP_K = 20  # --top-k: the proxy's K and what every client asks for
+# Proxy targets: this tree; the same with the fast path off; a git revision (--before); N workers (--workers).
+PROXIES: dict[str, Any] = {
+    "proxy": lambda a: {},
+    "careful": lambda a: {"env": {"ENTROPY_PROXY_HOTPATH": "off"}},
+    "before": lambda a: {"rev": a.before},
+    "workers": lambda a: {"workers": a.workers},
+}
 
 
 def body(stream: bool, tokens: int) -> bytes:
@@ -271,6 +278,11 @@ def report(res: dict[str, Any]) -> str:
             cells = "  ".join(f"{n}: {v['tokens_per_s']:>8.0f} ({v['cpu_s_per_1k_tokens']:.3f}, err {v['errors']})"
                               for n, v in per.items())
             lines.append(f"  {level:>3} streams  {cells}")
+            base = per.get("proxy")
+            for other in ("workers", "careful", "before"):
+                if base and other in per and base["tokens_per_s"]:
+                    lines.append(f"        {other} / proxy: {per[other]['tokens_per_s'] / base['tokens_per_s']:.2f}x "
+                                 "tokens/s")
     if "paced_cpu" in res:
         a = res["args"]
         lines.append(f"\nstreams paced at {a['stream_delay_ms']} ms/token, {a['paced_streams']} at once: "
@@ -306,8 +318,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         url = f"http://127.0.0.1:{up.port}"
         ports, pids = {"direct": up.port}, {"direct": up.pid}
         for name in args.targets[1:]:
-            t = (_targets.start_proxy(wd, url, workers=args.workers, top_k=args.top_k) if name == "proxy"
-                 else _targets.start_litellm(wd, url, MODEL))
+            if name in PROXIES:
+                t = _targets.start_proxy(wd, url, top_k=args.top_k, name=name, **PROXIES[name](args))
+            else:
+                t = _targets.start_litellm(wd, url, MODEL)
             started.append(t)
             ports[name], pids[name] = t.port, t.pid
         b = Bench(args, ports, up.port)
@@ -340,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", help="concurrent streams, comma list (default 1,16,64,256; --quick: 1,16)")
     ap.add_argument("--level-seconds", type=float, default=5.0)
     ap.add_argument("--paced-streams", type=int, default=16, help="concurrent paced streams for tokens/CPU-s")
-    ap.add_argument("--workers", type=int, default=1, help="entropy-proxy serve --workers N")
+    ap.add_argument("--workers", type=int, default=2, help="N of the 'workers' target (serve --workers N)")
+    ap.add_argument("--before", help="also run entropy-proxy at this git revision (target 'before'), same options")
     ap.add_argument("--top-k", type=int, default=20, help="the proxy's K (top_k) and the clients' top_logprobs")
     ap.add_argument("--long-seconds", type=float, default=600.0)
     ap.add_argument("--long-concurrency", type=int, default=16)
@@ -355,8 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     TOP_K = args.top_k
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     args.levels = [int(x) for x in (args.levels or "1,16,64,256").split(",")]
-    if args.targets[0] != "direct" or not set(args.targets) <= {"direct", "proxy", "litellm"}:
-        ap.error("--targets: direct first, then any of proxy, litellm")
+    if args.before and "before" not in args.targets:
+        args.targets.insert(1, "before")
+    if args.targets[0] != "direct" or not set(args.targets) <= {"direct", "litellm", *PROXIES}:
+        ap.error(f"--targets: direct first, then any of {', '.join(PROXIES)}, litellm")
     try:
         import uvloop
 

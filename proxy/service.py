@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from time import perf_counter
@@ -142,8 +143,9 @@ class ProxyService:
         self.settings = upstream.settings
         self.hub = hub
         self.annotator = annotator
-        # The fast path (proxy.hotpath) for chat bodies and chunks; off: everything takes the careful path.
-        self.fast = True
+        # The fast path (proxy.hotpath) for chat bodies and chunks; off (ENTROPY_PROXY_HOTPATH=off, for A/B
+        # benchmarks): everything takes the careful path.
+        self.fast = os.environ.get("ENTROPY_PROXY_HOTPATH", "on").lower() not in ("off", "0", "false")
 
     async def handle(self, request: Request, endpoint: str) -> Response:
         t0 = perf_counter()
