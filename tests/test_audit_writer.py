@@ -104,7 +104,7 @@ def _submit_all(w: AuditWriter, n: int) -> int:
 
     ``submit`` is a plain function: it cannot hand the loop to the store, so every call returns whatever the
     store is doing (a store it waited for would hang this test). Its speed is measured in
-    ``bench/audit_submit.py``, not asserted here."""
+    ``bench/audit_throughput.py`` (mean and worst microseconds), not asserted here."""
     assert not inspect.iscoroutinefunction(w.submit)
     return sum(w.submit(make_obs(f"x-{i}")) for i in range(n))
 
@@ -166,6 +166,25 @@ async def test_blocked_store_never_blocks_submit(sqlite_url: str, monkeypatch: p
     assert await w.flush(30)
     await w.stop()
     assert w.written == 51 and calls == 1 + 50 // 10
+
+
+async def test_a_batch_in_flight_when_shutdown_gives_up_is_counted(sqlite_url: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    store = AuditStore(sqlite_url)
+    entered = asyncio.Event()
+
+    async def never_returns(rows: list[dict[str, Any]], probe_rows: Any = ()) -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(store, "insert_batch", never_returns)
+    w = AuditWriter(store, queue_size=50, batch_size=10, write_timeout_s=3600, shutdown_timeout_s=0.05)
+    await w.start()
+    assert _submit_all(w, 5) == 5
+    await asyncio.wait_for(entered.wait(), 30)
+    assert _submit_all(w, 3) == 3  # queued behind the held batch
+    await w.stop()
+    assert w.written == 0 and w.dropped["shutdown"] == 8 and sum(w.dropped.values()) == 8
 
 
 async def test_proxy_keeps_answering_with_store_down(tmp_path: Path) -> None:

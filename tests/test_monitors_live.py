@@ -139,7 +139,8 @@ def test_fixed_threshold_and_feedback_fit() -> None:
 
 
 def test_request_path_cost(capsys) -> None:  # type: ignore[no-untyped-def]
-    """Per-response cost of Monitoring.observe (request path) and of the background text work, 128 tokens."""
+    """Per-response cost of Monitoring.observe (request path) and of the background text work, 128 tokens: printed,
+    not asserted (a loaded machine must not fail it); what is asserted is that nothing was dropped."""
     rng = np.random.default_rng(4)
     mon = _mon()
     obs = [observation(token_entropies(rng), formatted(rng, FORMATS[i % 5]), prompt=f"p{i % 20}")
@@ -158,4 +159,3 @@ def test_request_path_cost(capsys) -> None:  # type: ignore[no-untyped-def]
         print(f"\nmonitors: request path {fast * 1e6:.0f} us/response ({fast / 128 * 1e6:.2f} us/token), "
               f"background {slow * 1e6:.0f} us/response (dropped {mon.dropped})")
     assert mon.dropped == 0 and mon.processed == len(obs)
-    assert fast < 2e-3  # generous: measured ~ 60-100 us on the CI box

@@ -48,7 +48,7 @@ def _refused(port: int) -> bool:
 
 @pytest.mark.slow
 def test_sigterm_finishes_streams_flushes_audit_and_exits_zero(tmp_path: Path) -> None:
-    url, stop = start_replay_upstream(tokens=60, token_delay_ms=25)  # each stream takes about 1.5 s
+    url, stop = start_replay_upstream(tokens=60, token_delay_ms=100)  # each stream takes about 6 s
     db = tmp_path / "audit.db"
     cfg = tmp_path / "proxy.yaml"
     cfg.write_text(f"models: [smollm2]\naudit:\n  url: sqlite:///{db}\n  sample_rate: 1.0\n")
@@ -79,13 +79,14 @@ def test_sigterm_finishes_streams_flushes_audit_and_exits_zero(tmp_path: Path) -
         for t in threads:
             t.start()
         started.wait()
-        t_term = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # bounds a hang; the claim is the order of events below
         while not _refused(port) and time.monotonic() < deadline:
             time.sleep(0.05)
-        refused_after = time.monotonic() - t_term
+        # "At once": the listener is closed while every stream is still in flight (none has finished).
+        in_flight = sum(t.is_alive() for t in threads)
         assert _refused(port), "the proxy still accepts connections after SIGTERM"
+        assert not results and in_flight == STREAMS, (len(results), in_flight)
         for t in threads:
             t.join(30)
         code = proc.wait(40)
@@ -97,7 +98,6 @@ def test_sigterm_finishes_streams_flushes_audit_and_exits_zero(tmp_path: Path) -
             evs = sse_events(body)
             assert evs[-1] == "[DONE]" and not any(isinstance(e, dict) and "error" in e for e in evs)
             assert evs[-2]["choices"][0]["entropy"]["tokens"] == 60
-        assert refused_after < 2.0
         with sqlite3.connect(db) as con:
             (n,) = con.execute("select count(*) from audit_responses").fetchone()
         assert n == STREAMS  # recorded after the signal: the queue was flushed on the way out

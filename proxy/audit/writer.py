@@ -350,18 +350,23 @@ class AuditWriter:
     async def _write(self, batch: list[Observation | _ProbeRow]) -> bool:
         rows: list[dict[str, Any]] = []
         probe_rows = [o.row for o in batch if isinstance(o, _ProbeRow)]
-        for i, o in enumerate(o for o in batch if not isinstance(o, _ProbeRow)):
-            if i and i % 16 == 0:
-                await asyncio.sleep(0)  # encoding is CPU work on the proxy's loop: let requests through
-            try:
-                rows.append(record_from_observation(o, store_text=self.store_text))
-            except Exception:  # noqa: BLE001 - one malformed observation must not lose the batch
-                log.exception("audit record for %s could not be encoded", o.request_id)
-                self._drop("encode_error")
+        unencodable = 0
         try:
+            for i, o in enumerate(o for o in batch if not isinstance(o, _ProbeRow)):
+                if i and i % 16 == 0:
+                    await asyncio.sleep(0)  # encoding is CPU work on the proxy's loop: let requests through
+                try:
+                    rows.append(record_from_observation(o, store_text=self.store_text))
+                except Exception:  # noqa: BLE001 - one malformed observation must not lose the batch
+                    log.exception("audit record for %s could not be encoded", o.request_id)
+                    self._drop("encode_error")
+                    unencodable += 1
             if not await self._ensure_store():
                 raise ConnectionError("store not started")
             await asyncio.wait_for(self.store.insert_batch(rows, probe_rows), self.write_timeout_s)
+        except asyncio.CancelledError:  # stop() gave up on a batch in flight: it is dropped, and must be counted
+            self._drop("shutdown", len(batch) - unencodable)
+            raise
         except Exception as e:  # noqa: BLE001
             n = len(rows) + len(probe_rows)
             log.warning("audit store write failed (%s); %d records dropped", type(e).__name__, n)
