@@ -6,7 +6,8 @@ choices) with real positions recorded from vLLM 0.32 (``tests/fixtures/vllm``), 
 It follows vLLM where a client can tell: the ``top_logprobs`` list is the sampled token first, then rank order,
 trimmed to the request's K (legacy completions: the sampled token plus the top K, as a dict); K over
 ``--max-logprobs`` answers vLLM's 400, or when streaming its 200 stream carrying one error event;
-``stream_options.include_usage`` adds the usage chunk; ``max_tokens`` shortens the answer.
+``stream_options.include_usage`` adds the usage chunk; ``max_tokens`` shortens the answer. ``POST /tokenize`` (a
+stand-in tokenizer, one id per character) and ``prompt_logprobs`` re-scoring serve the recognition probe.
 
 Bodies are serialised once per request shape (orjson) and only the id (same length) is swapped per response;
 HTTP is a raw asyncio protocol over httptools, measured 1.7x less server CPU than uvicorn+starlette for the same bodies
@@ -105,8 +106,12 @@ class Replayer:
             reply = Reply(200, JSON_TYPE, [self.models_body()])
         elif method == "GET" and path in ("/metrics", "/health"):
             reply = Reply(200, b"text/plain; version=0.0.4", [self.metrics_body() if path == "/metrics" else b""])
+        elif method == "POST" and path == "/v1/completions" and b'"prompt_logprobs"' in body:
+            reply = self.prompt_scoring(body)
         elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
             reply = self.completion(path.endswith("chat/completions"), body)
+        elif method == "POST" and path == "/tokenize":
+            reply = self.tokenize(body)
         elif method == "POST" and path == "/_replay/config":
             reply = self.configure(body)
         else:
@@ -142,6 +147,51 @@ class Replayer:
             return Reply(400, JSON_TYPE, [RequestError(400, str(exc), "BadRequestError", None).body()])
         state = {"entropy": self.entropy, "tokens": self.tokens, "token_delay_ms": self.token_delay_ms}
         return Reply(200, JSON_TYPE, [orjson.dumps(state)])
+
+    # ------------------------------------------------------------------ re-scoring (the recognition probe's calls)
+    @staticmethod
+    def _token_ids(text: str) -> list[int]:
+        """A stand-in tokenizer, one id per character (ids 100..49099): the probe needs ids, not a real split."""
+        return [100 + ord(c) % 49_000 for c in text]
+
+    def tokenize(self, raw: bytes) -> Reply:
+        """vLLM's ``POST /tokenize`` for a ``prompt`` or chat ``messages`` (ChatML-rendered)."""
+        req = orjson.loads(raw or b"{}")
+        if "messages" in req:
+            text = "".join(f"<|im_start|>{m.get('role')}\n{m.get('content')}<|im_end|>\n" for m in req["messages"])
+            if req.get("add_generation_prompt"):
+                text += "<|im_start|>assistant\n"
+        else:
+            text = str(req.get("prompt", ""))
+        ids = self._token_ids(text)
+        return Reply(200, JSON_TYPE, [orjson.dumps({"count": len(ids), "max_model_len": 2048, "tokens": ids,
+                                                    "token_strs": None})])
+
+    def prompt_scoring(self, raw: bytes) -> Reply:
+        """``/v1/completions`` with ``prompt_logprobs: K`` over a list of ids: vLLM's per-position
+        ``{id: {logprob, rank, decoded_token}}`` (the actual token always included), from the recorded
+        positions of the current pool, so re-scored entropy follows the ``entropy`` setting as generation does."""
+        req = orjson.loads(raw)
+        k, ids = int(req["prompt_logprobs"]), list(req.get("prompt") or [])
+        if k > self.max_logprobs:
+            err = RequestError(400, f"Requested prompt logprobs of {k}, which is greater than max allowed: "
+                               f"{self.max_logprobs}", "BadRequestError", "prompt_logprobs")
+            return Reply(400, JSON_TYPE, [err.body()])
+        pool = self.pools[self.entropy]
+        plp: list[Any] = [None]
+        for j, actual in enumerate(ids[1:], start=1):
+            tops = sorted(pool[j % len(pool)]["top_logprobs"], key=lambda t: -t["logprob"])[:k]
+            # alternatives get ids above the stand-in tokenizer's range; the actual token is listed as well
+            entry = {str(60_000 + r): {"logprob": t["logprob"], "rank": r + 1, "decoded_token": t["token"]}
+                     for r, t in enumerate(tops)}
+            entry[str(actual)] = {"logprob": tops[-1]["logprob"] - 1.0, "rank": k + 1, "decoded_token": "?"}
+            plp.append(entry)
+        body = {"id": f"cmpl-{next(self._ids)}", "object": "text_completion", "created": int(time.time()),
+                "model": req.get("model", self.model),
+                "choices": [{"index": 0, "text": "x", "logprobs": None, "finish_reason": "length",
+                             "prompt_logprobs": plp}],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}}
+        return Reply(200, JSON_TYPE, [orjson.dumps(body)])
 
     # ------------------------------------------------------------------ completions
     def completion(self, chat: bool, raw: bytes) -> Reply:

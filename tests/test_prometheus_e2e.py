@@ -39,6 +39,8 @@ RATE_INTERVAL = "10s"  # what Grafana's $__rate_interval gives for a 1 s scrape 
 # Series that exist only once an operator pinned a baseline (entropy-proxy baseline pin); nobody pins here.
 ONLY_WITH_A_PIN = {"model:entropy_proxy_baseline_pinned:max"}
 PROMPTS = ["Name three colours.", "Write a short recipe.", "Tell a robot story.", "What is entropy?"]
+REFERENCES = ["Red, green and blue.", "Boil pasta, add butter and cheese, stir and serve.",
+              "A robot learned to paint and sold its first picture.", "A measure of uncertainty."]
 
 
 class Traffic:
@@ -82,8 +84,10 @@ class Traffic:
                     if labelled and now - last_side_request > 1:
                         last_side_request = now
                         confident = "confident" in r.headers.get("x-entropy-flags", "")
+                        # with a reference answer: the recognition probe re-scores it (the ratio's pairs)
                         fb = c.post(f"{base}/v1/feedback", json={"id": r.headers["x-entropy-request-id"],
-                                                                  "correct": not confident and i % 2 == 0})
+                                                                  "correct": not confident and i % 2 == 0,
+                                                                  "reference": REFERENCES[i % len(REFERENCES)]})
                         self._count(f"feedback {fb.status_code}")
                         unknown = {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}
                         bad = c.post(f"{base}/v1/chat/completions", json=unknown)
@@ -98,15 +102,15 @@ def stack(tmp_path: Path, prometheus_bin: str) -> Iterator[dict[str, Any]]:
     upstream, stop_upstream = start_replay_upstream(tokens=32, model=MODEL)
     (tmp_path / "not-a-dir").write_text("")  # replica B's audit store lives "under" a file: it is down
     common = {"upstream": upstream, "models": [MODEL], "monitors.window": 20, "monitors.baseline": 500}
-    settings_a = load_settings({**common, "audit.url": f"sqlite:///{tmp_path / 'a.db'}"}, environ={})
+    # Replica A runs the recognition probe: references from the feedback traffic, re-scored through the
+    # upstream's /tokenize and prompt_logprobs, make the ratio Prometheus scrapes.
+    settings_a = load_settings({**common, "audit.url": f"sqlite:///{tmp_path / 'a.db'}",
+                                "probe.sample_rate": 0.05}, environ={})
     settings_b = load_settings({**common, "audit.url": f"sqlite:///{tmp_path / 'not-a-dir' / 'b.db'}"},
                                environ={})
     app_a, app_b = create_app(settings_a), create_app(settings_b)
     try:
         with serve_in_thread(app_a) as a, serve_in_thread(app_b) as b:
-            # The recognition probe (issue 7) is not installed yet; stand in for it through the metrics API it
-            # will call, so the recognition-ratio panel has a series to show.
-            app_a.state.metrics.set_recognition_ratio(MODEL, 1.0)
             targets = {"entropy-proxy": [a.removeprefix("http://"), b.removeprefix("http://")],
                        "vllm": [upstream.removeprefix("http://")]}
             workdir = tmp_path / "prometheus"
@@ -114,7 +118,7 @@ def stack(tmp_path: Path, prometheus_bin: str) -> Iterator[dict[str, Any]]:
                 traffic = Traffic([a, b])
                 traffic.thread.start()
                 try:
-                    yield {"prom": prom, "upstream": upstream, "traffic": traffic}
+                    yield {"prom": prom, "upstream": upstream, "traffic": traffic, "app_a": app_a}
                 finally:
                     traffic.stop.set()
                     traffic.thread.join(timeout=30)
@@ -147,6 +151,12 @@ def test_collapse_alert_fires_and_every_query_returns_data(stack: dict[str, Any]
         time.sleep(0.5)
     healthy_mean = prom.query('model:entropy_proxy_token_entropy_nats:mean30m{model="smollm2"}')
     assert _has_data(healthy_mean)
+    # The recognition ratio comes from the probe's own pairs (nothing sets it by hand), as Prometheus scraped it.
+    probe = stack["app_a"].state.probe
+    ratio = prom.wait_for("the probe's recognition ratio", lambda: prom.query(
+        f'entropy_proxy_recognition_ratio{{model="{MODEL}"}}'), timeout=60)
+    assert probe.counts["scored"] > 0 and probe.models[MODEL].ratio() is not None
+    assert math.isfinite(float(ratio[0]["value"][1])) and float(ratio[0]["value"][1]) > 0
 
     httpx.post(f"{stack['upstream']}/_replay/config", json={"entropy": "low"}).raise_for_status()
     switched = time.monotonic()
