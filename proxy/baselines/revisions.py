@@ -65,7 +65,8 @@ class Revisions:
                         found[m["id"]] = root
         with self._lock:
             changed = {k: v for k, v in found.items() if self._upstream.get(k) != v}
-            self._upstream = found
+            # Merged, not replaced: a model missing from one answer (a restarting upstream) keeps its revision.
+            self._upstream.update(found)
             self._asked = True
         return changed
 
