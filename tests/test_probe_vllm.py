@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,34 @@ def test_selfcheck_and_recognition_ratio_on_the_real_model(vllm_server: str, vll
 
 
 def test_probe_at_full_rate_does_not_hold_client_responses(vllm_server: str, vllm_model: str) -> None:
+    """The proof is an event: the probe's first upstream call is held (by the test) while clients get their whole
+    answers from the real vLLM; nothing is scored until it is let go, then everything is."""
+    app = _app(vllm_server, vllm_model, 1.0)
+    held, release = threading.Event(), threading.Event()
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=300.0) as c:
+        probe = app.state.probe
+        real_post = probe._post
+
+        async def held_post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> httpx.Response:
+            held.set()
+            await anyio.to_thread.run_sync(release.wait)
+            return await real_post(client, path, body)
+
+        probe._post = held_post
+        try:
+            _chat(c, vllm_model, QA[0][0], max_tokens=8, temperature=0)
+            assert held.wait(60), "the probe never started on the first response"
+            for q, _ in QA[1:3]:  # answered in full while the probe's call is held
+                r = _chat(c, vllm_model, q, max_tokens=8, temperature=0)
+                assert r.json()["choices"][0]["entropy"]["tokens"] > 0
+            assert not release.is_set() and probe.counts["scored"] == 0 and probe.pending == 3
+        finally:
+            release.set()
+        _wait_idle(app)
+        assert probe.counts["scored"] == 3
+
+
+def test_client_latency_with_the_probe_at_rate_0_and_1_is_reported(vllm_server: str, vllm_model: str) -> None:
     """A measurement, reported not asserted: client latency and proxy overhead with the probe at rate 0 and 1."""
     out: dict[str, Any] = {}
     for rate in (0.0, 1.0):
