@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from prometheus_client import CollectorRegistry, Counter
 
-from .spans import PresetIds, Tracing
+from .spans import Tracing
 
 log = logging.getLogger("entropy_proxy.otel")
 
@@ -112,9 +112,9 @@ def build(upstream_url: str, registry: CollectorRegistry) -> Tracing:
     logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
     counters = Counters(registry)
     processor = CountingBatchSpanProcessor(CountingExporter(OTLPSpanExporter(), counters), counters)
-    ids = PresetIds()
-    provider = TracerProvider(resource=_resource(), id_generator=ids)  # sampler: OTEL_TRACES_SAMPLER(_ARG)
+    provider = TracerProvider(resource=_resource())  # sampler: OTEL_TRACES_SAMPLER(_ARG)
     provider.add_span_processor(processor)
     u = urlsplit(upstream_url)
     port = u.port or (443 if u.scheme == "https" else 80)
-    return Tracing(provider, processor, ids, (u.hostname or "", port))
+    disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    return Tracing(provider, processor, (u.hostname or "", port), disabled=disabled)
