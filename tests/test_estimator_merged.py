@@ -11,9 +11,12 @@ the bounds read from them through the proxy's readers must hold the exact entrop
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -176,3 +179,29 @@ def test_completions_without_collisions_lose_nothing(case):
     in_top = sampled in set(np.argsort(-p, kind="stable")[:k].tolist())
     if in_top and pos.logprobs.shape[1] == k and p[sampled] > np.min(p[np.argsort(-p, kind="stable")[:k]]):
         assert not pos.collapsed[0]  # the sampled token is above another entry: it is in the top K, no merge
+
+
+# -- real vLLM responses with merged positions (bench/exact_merged.py), against exact full-vocabulary entropy ------
+EXACT_MERGED = sorted((Path(__file__).parent / "fixtures" / "exact-merged").glob("*.json"))
+FLOAT32 = 2e-3  # vLLM's float32 logprobs against transformers' float32 teacher forcing
+
+
+@pytest.mark.parametrize("path", EXACT_MERGED, ids=[p.stem for p in EXACT_MERGED])
+def test_recorded_vllm_completions_with_merged_tokens_keep_the_bounds(path):
+    rec = json.loads(path.read_text())
+    lp = rec["response"]["choices"][0]["logprobs"]
+    k = rec["request"]["logprobs"]
+    exact = np.array(rec["exact"]["exact_entropy_nats"])
+    pos = completion_positions(lp, 0, k)
+    est = estimate_positions(pos.logprobs, rec["exact"]["vocab_size"], sampled_col=pos.sampled_col,
+                             collapsed=pos.collapsed)
+    assert pos.count == exact.size
+    assert (est.lower <= exact + FLOAT32).all(), np.nonzero(est.lower > exact + FLOAT32)[0]
+    assert (exact <= est.upper + FLOAT32).all(), np.nonzero(exact > est.upper + FLOAT32)[0]
+    for j in rec["exact"]["merged_positions"]:  # a merge is always seen: flagged, or the sampled value kept
+        assert pos.collapsed[j] or pos.logprobs.shape[1] > len(lp["top_logprobs"][j]) and not np.isnan(
+            pos.logprobs[j, len(lp["top_logprobs"][j])]), j
+
+
+def test_the_recorded_merges_exist():
+    assert EXACT_MERGED, "tests/fixtures/exact-merged is empty: run bench/exact_merged.py"
