@@ -116,9 +116,9 @@ def test_postgres_feedback_report_and_audit_page(postgres_db_url: str, tmp_path:
 
 # --- real vLLM -> proxy -> real Prometheus ----------------------------------------------------------------------
 
-PROMPTS = [
+PROMPTS = [  # greedy answers of SmolLM2-135M average 0.4-0.6 nats; sampled ones well above
     ("Count from 1 to 12, separated by commas.", 0.0),
-    ("Repeat exactly: the quick brown fox.", 0.0),
+    ("What is the capital of France? Answer with one word.", 0.0),
     ("Write one sentence about the sea.", 1.0),
     ("Invent a name for a cat.", 1.0),
 ]
@@ -133,8 +133,10 @@ def _scraped(prom: Any, expr: str, at_least: float) -> bool:
 def test_rules_evaluate_on_real_vllm_traffic(vllm_server: str, vllm_model: str, prometheus_bin: str,
                                              tmp_path: Path) -> None:
     model = vllm_model
+    # A 135M model is seldom below the default 0.3 nats: the `confident` cut-off sits between its greedy and its
+    # sampled answers, so the labels below give a confident-wrong share strictly between 0 and 1.
     settings = {"models": [model], "audit.enabled": True, "audit.url": f"sqlite:///{tmp_path / 'a.db'}",
-                "audit.sample_rate": 1.0}
+                "audit.sample_rate": 1.0, "thresholds.confident_mean": 0.8}
     with running_proxy(vllm_server, **settings) as p:
         proxy_target = p.url.removeprefix("http://")
         vllm_target = vllm_server.removeprefix("http://")
