@@ -7,6 +7,11 @@ take the most of it (cumulative and own time).
 
     python -m bench.profile_hotpath --mode unary --requests 300
     python -m bench.profile_hotpath --mode stream --requests 100 --top 25
+    ENTROPY_PROXY_HOTPATH=off python -m bench.profile_hotpath --groups   # the careful path, for before/after
+
+The profiler's clock is the main thread's CPU time (``time.thread_time``): the monitors' text worker thread is
+not in it (time its jobs with the monitors' own tests or a stand-alone run), and waiting is never counted.
+``--groups`` sums each function's own time by component (proxy modules, estimator, json, httpx, Starlette...).
 """
 
 from __future__ import annotations
@@ -109,7 +114,7 @@ async def run(args: argparse.Namespace) -> str:
             status, out = await _call(app, body)
             assert status == 200, out[:300]
         gc.freeze()  # as `entropy-proxy serve` does after start-up
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.thread_time)
         cpu0, t0 = time.process_time(), time.perf_counter()
         prof.enable()
         for _ in range(args.requests):
@@ -123,9 +128,41 @@ async def run(args: argparse.Namespace) -> str:
             f"{cpu / args.requests * 1e3:.2f} ms CPU a request ({wall / args.requests * 1e3:.2f} ms wall), "
             f"{tokens / cpu:,.0f} tokens per CPU-second (profiler on: read the shares, not the totals)\n")
     st = pstats.Stats(prof, stream=s)
+    if args.groups:
+        s.write(groups(st, args.requests))
+        return s.getvalue()
     st.sort_stats("cumulative").print_stats(args.top)
     st.sort_stats("tottime").print_stats(args.top)
     return s.getvalue()
+
+
+_GROUPS = (  # first match wins: (substring of the file path, component)
+    ("proxy/hotpath", "proxy: fast path (decode, splice)"), ("proxy/logprobs", "proxy: positions"),
+    ("monitors/entropy", "estimator (monitors/entropy.py)"), ("proxy/monitoring", "monitors, request path"),
+    ("monitors/", "monitors, request path"), ("proxy/metrics", "metrics"), ("prometheus_client", "metrics"),
+    ("proxy/audit", "audit"), ("sqlalchemy", "audit"), ("aiosqlite", "audit"),
+    ("proxy/", "proxy: other (service, annotate, sse, observers)"), ("httpx", "httpx/httpcore/h11"),
+    ("httpcore", "httpx/httpcore/h11"), ("h11", "httpx/httpcore/h11"), ("starlette", "starlette/fastapi"),
+    ("fastapi", "starlette/fastapi"), ("numpy", "numpy"), ("asyncio", "asyncio/anyio"), ("anyio", "asyncio/anyio"),
+    ("bench/", "harness (mock upstream, ASGI driver)"),
+)
+
+
+def groups(st: pstats.Stats, requests: int) -> str:
+    """Own time per component, per request."""
+    acc: dict[str, float] = {}
+    for (path, _line, name), (_cc, _nc, tt, _ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+        if path == "~":  # a C function: by what it is
+            g = ("json (orjson, msgspec)" if any(x in name for x in ("orjson", "msgspec", "Decoder"))
+                 else "numpy" if "numpy" in name else "builtins (C calls)")
+        else:
+            g = next((label for key, label in _GROUPS if key in path), "other")
+        acc[g] = acc.get(g, 0.0) + tt
+    total = sum(acc.values())
+    lines = [f"  {g:<52} {v / requests * 1e3:6.2f} ms  {v / total * 100:5.1f}%"
+             for g, v in sorted(acc.items(), key=lambda x: -x[1])]
+    lines.append(f"  {'total, main thread (profiler on)':<52} {total / requests * 1e3:6.2f} ms")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--groups", action="store_true", help="own time by component instead of the function lists")
     args = ap.parse_args(argv)
     print(asyncio.run(run(args)))
     return 0

@@ -150,14 +150,20 @@ def test_multiline_data_falls_back() -> None:
         ANN, ask(), 20, "m")) is None
 
 
-def test_whitespace_keeps_upstream_bytes_same_value() -> None:
-    """Not compact: the fast path keeps the upstream's bytes, which parse to the careful path's value."""
+def test_whitespace_falls_back_other_forms_keep_upstream_bytes() -> None:
+    """Pretty-printed: the careful path. Another float form: the fast path keeps the upstream's bytes, the same
+    JSON value as the careful path's, and the logprobs byte-identical to the upstream's."""
     raw = (FIX / "chat_k20.json").read_bytes()
-    pretty = orjson.dumps(orjson.loads(raw), option=orjson.OPT_INDENT_2)
-    ra_f, out_f = fast_body(pretty, ask(True, 20), 20)  # type: ignore[misc]
-    ra_c, out_c = careful_body(pretty, ask(True, 20), 20)
+    assert fast_body(orjson.dumps(orjson.loads(raw), option=orjson.OPT_INDENT_2), ask(True, 20), 20) is None
+    lp = raw.index(b'"logprob":') + len(b'"logprob":')
+    value = raw[lp:raw.index(b",", lp)]
+    assert b"." in value and b"e" not in value
+    other = raw[:lp] + value + b"0" + raw[lp + len(value):]  # the same number, written otherwise
+    assert other != raw and orjson.loads(other) == orjson.loads(raw)
+    ra_f, out_f = fast_body(other, ask(True, 20), 20)  # type: ignore[misc]
+    ra_c, out_c = careful_body(other, ask(True, 20), 20)
     assert orjson.loads(out_f) == orjson.loads(out_c) and _state(ra_f) == _state(ra_c)
-    assert out_f.startswith(b"{\n  ")
+    assert out_f != out_c and other[lp - 200:lp + 40] in out_f
 
 
 # -- generated bodies ------------------------------------------------------------------------------------------

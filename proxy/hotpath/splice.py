@@ -4,8 +4,8 @@ vLLM's chat body is ~200 kB for 128 tokens at K=20, nearly all of it ``logprobs`
 ``bytes`` array of every alternative. The careful path (``orjson.loads``, annotate the dicts, ``orjson.dumps``)
 builds ~10^5 Python objects for it. Here:
 
-1. one msgspec pass decodes the body's choices with their ``logprobs`` value kept as ``msgspec.Raw`` (a
-   zero-copy view of the input, so its offset in the body is known);
+1. one msgspec pass decodes the body's choices with their ``logprobs`` value kept as ``msgspec.Raw`` (its
+   bytes, found again after the one ``"logprobs":`` key of each choice);
 2. a typed msgspec decoder reads each ``logprobs`` into ``{token, logprob, top_logprobs: [{token, logprob}]}``
    structs, skipping ``bytes`` and every other field without building them;
 3. the positions go through the same :class:`~proxy.annotate.ResponseAnnotator` steps as the careful path
@@ -15,12 +15,15 @@ builds ~10^5 Python objects for it. Here:
    each choice's closing brace — where the careful path's ``dict`` puts the new key.
 
 When the upstream writes compact JSON as orjson does (vLLM does: its recorded bodies round-trip through orjson
-byte for byte), the result is byte-identical to the careful path's; otherwise it keeps the upstream's own bytes
-(the same JSON value). Anything else — completions, a client asking for fewer alternatives than K (the lists
-must be cut), a choice without logprobs or already carrying ``entropy``, positions the careful path would read
-with its slow loop (ragged rows, a sampled token not listed first), logits instead of logprobs, malformed JSON,
-an SSE ``data`` field spread over several lines — returns None *before* any state is touched, and the caller
-takes the careful path.
+byte for byte), the result is byte-identical to the careful path's; a body with whitespace around the
+``"logprobs":`` keys takes the careful path, and other differences of form (a float written ``1e-05`` rather
+than ``1e-5``, ``\\u00e9`` rather than ``é``) stay as the upstream wrote them: the same JSON value, and the
+logprobs byte-identical to the upstream's.
+
+Anything else — completions, a client asking for fewer alternatives than K (the lists must be cut), a choice without
+logprobs or already carrying ``entropy``, positions the careful path would read with its slow loop (ragged rows, a
+sampled token not listed first), logits instead of logprobs, malformed JSON, an SSE ``data`` field spread over
+several lines — returns None *before* any state is touched, and the caller takes the careful path.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import numpy as np
 import orjson
 
 from ..annotate import ResponseAnnotator
@@ -73,13 +75,10 @@ class _Body(msgspec.Struct, gc=False):
 _BODY = msgspec.json.Decoder(_Body)
 _LOGPROBS = msgspec.json.Decoder(_ChatLogprobs)
 _NULL = b"null"
+_KEY = b'"logprobs":'
 # A JSON string (escapes included) or a bracket: enough to find the brace that closes the current object.
 _SCAN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]')
 _OPEN = frozenset(b"{[")
-
-
-def _address(buf: Any) -> int:
-    return int(np.frombuffer(buf, dtype=np.uint8).__array_interface__["data"][0])
 
 
 def _object_end(raw: bytes, start: int) -> int:
@@ -113,17 +112,23 @@ def _read(raw: bytes, ask: ClientAsk, k_sent: int, stream: bool) -> tuple[_Body,
     except msgspec.DecodeError:
         return None
     cut = ask.logprobs and 0 <= ask.top < k_sent
-    base = _address(raw)
+    # Each choice's logprobs value sits right after its key. Inside a JSON string every '"' is escaped, so the
+    # bytes '"logprobs":' are a key (or the end of a key that contains an escaped quote); exactly one per
+    # choice and none elsewhere means the i-th is the i-th choice's ("prompt_logprobs" does not contain it).
+    if raw.count(_KEY) != len(body.choices):
+        return None
     read: list[Any] = []
+    at = 0
     for c in body.choices:
         lp = c.logprobs
         if c.entropy is not _UNSET or lp is _UNSET:
             return None
         view = memoryview(lp)
-        start = _address(lp) - base
-        if raw[start:start + len(view)] != view:  # msgspec.Raw is a view of its input; a copy would have no offset
+        start = raw.find(_KEY, at) + len(_KEY)
+        if raw[start:start + len(view)] != view:  # not this choice's value: the careful path
             return None
-        end = _object_end(raw, start + len(view))
+        at = start + len(view)
+        end = _object_end(raw, at)
         if end < 0:
             return None
         pos: Positions | None = None
