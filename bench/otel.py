@@ -9,10 +9,12 @@ positions), an OTLP/HTTP sink that answers 200 and counts the spans it decodes, 
 - ``on``     ``otel.enabled`` with the OTLP exporter pointed at the sink;
 - ``down``   ``otel.enabled`` with the exporter pointed at a port nobody listens on (every batch lost, counted).
 
-Every client request carries a W3C ``traceparent``. Phases, targets rotated every round: non-streaming latency
-(one at a time, 128 tokens, ``top_logprobs: 20``), paced streams (time to first token and to the last token),
-and 16 concurrent unpaced streams for throughput and CPU per 1,000 tokens. The added latency of ``on`` and
-``down`` over ``off`` is given with a 95 % bootstrap interval, next to the A/A difference ``off_b - off``.
+Every client request carries a W3C ``traceparent``. Phases: non-streaming latency (one request at a time, the
+arms taking turns request by request, 128 tokens, ``top_logprobs: 20``) with each proxy's CPU per request, paced
+streams (time to first token and to the last token, arms in turn), 16 concurrent unpaced streams for throughput
+and CPU per 1,000 tokens (arms rotated over rounds), and the in-process cost of building one span. The added
+latency of ``on`` and ``down`` over ``off`` is the median of paired differences (request i of one arm against
+request i of ``off``, made back to back) with a 95 % bootstrap interval, next to the A/A pair ``off_b - off``.
 
     python -m bench.otel                  # the run in docs/benchmarks.md (about 4 minutes)
     python -m bench.otel --quick          # smoke
@@ -98,6 +100,14 @@ def scrape(port: int, metric: str) -> dict[str, float]:
 
 
 # -- measurement ------------------------------------------------------------------------------------------------------
+def paired_ci(a: list[float], b: list[float], n: int = 2000) -> tuple[float, float, float]:
+    """Median of the paired differences a[i] - b[i] (requests made back to back) and its 95 % bootstrap interval."""
+    rng = np.random.default_rng(7)
+    d = np.asarray(a) - np.asarray(b)
+    boots = np.median(rng.choice(d, (n, d.size)), axis=1)
+    return float(np.median(d)), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
 def boot_ci(a: list[float], b: list[float], stat: Any = np.median, n: int = 2000) -> tuple[float, float, float]:
     """stat(a) - stat(b) and its 95 % bootstrap interval (independent resampling of both samples)."""
     rng = np.random.default_rng(7)
@@ -125,6 +135,8 @@ class Run:
         await c.close()
 
     async def latency(self) -> dict[str, list[float]]:
+        """One request per arm in turn (order rotated each time), so that the machine's other load falls on every
+        arm alike and request i of one arm can be paired with request i of another."""
         a = self.args
         await self.upstream_delay(0)
         conns = {n: Connection("127.0.0.1", p) for n, p in self.ports.items()}
@@ -133,13 +145,12 @@ class Run:
         for n in self.names:
             for _ in range(20):
                 await conns[n].request("POST", CHAT, req, headers=self.headers)
-        for r in range(a.rounds):
-            for n in self.order(r):
-                for _ in range(a.requests):
-                    resp = await conns[n].request("POST", CHAT, req, headers=self.headers)
-                    if resp.status != 200:
-                        raise RuntimeError(f"{n}: HTTP {resp.status}: {bytes(resp.body)[:300]!r}")
-                    lat[n].append(resp.latency)
+        for i in range(a.requests):
+            for n in self.order(i):
+                resp = await conns[n].request("POST", CHAT, req, headers=self.headers)
+                if resp.status != 200:
+                    raise RuntimeError(f"{n}: HTTP {resp.status}: {bytes(resp.body)[:300]!r}")
+                lat[n].append(resp.latency)
         for c in conns.values():
             await c.close()
         return lat
@@ -152,15 +163,14 @@ class Run:
         out: dict[str, dict[str, list[float]]] = {n: {"ttft": [], "last": []} for n in self.names}
         for n in self.names:
             await conns[n].request("POST", CHAT, req, headers=self.headers)
-        for r in range(a.rounds):
-            for n in self.order(r):
-                for _ in range(a.streams):
-                    resp = await conns[n].request("POST", CHAT, req, headers=self.headers)
-                    toks = token_events(resp)
-                    if resp.status != 200 or not toks:
-                        raise RuntimeError(f"{n}: stream HTTP {resp.status}")
-                    out[n]["ttft"].append(toks[0][0] - resp.started)
-                    out[n]["last"].append(toks[-1][0] - resp.started)
+        for i in range(a.streams):
+            for n in self.order(i):
+                resp = await conns[n].request("POST", CHAT, req, headers=self.headers)
+                toks = token_events(resp)
+                if resp.status != 200 or not toks:
+                    raise RuntimeError(f"{n}: stream HTTP {resp.status}")
+                out[n]["ttft"].append(toks[0][0] - resp.started)
+                out[n]["last"].append(toks[-1][0] - resp.started)
         for c in conns.values():
             await c.close()
         await self.upstream_delay(0)
@@ -246,27 +256,31 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
     for n in ("off_b", "on", "down"):
         if n not in lat:
             continue
-        d50 = boot_ci(lat[n], lat["off"])
+        d50 = paired_ci(lat[n], lat["off"])
         d99 = boot_ci(lat[n], lat["off"], stat=p99)
-        dt = boot_ci(st[n]["ttft"], st["off"]["ttft"])
-        dl = boot_ci(st[n]["last"], st["off"]["last"])
+        dt = paired_ci(st[n]["ttft"], st["off"]["ttft"])
+        dl = paired_ci(st[n]["last"], st["off"]["last"])
         res["added_vs_off_ms"][n] = {k: [x * ms for x in v] for k, v in
-                                     (("p50", d50), ("p99", d99), ("ttft_p50", dt), ("stream_last_p50", dl))}
+                                     (("paired_median", d50), ("p99", d99), ("ttft_paired_median", dt),
+                                                            ("stream_last_paired_median", dl))}
     return res
 
 
 def report(res: dict[str, Any]) -> str:
     a = res["args"]
     lines = [f"machine: {res['machine']}", ""]
-    lines.append(f"non-streaming, {a['tokens']} tokens K=20, one at a time ({a['rounds']} rounds x {a['requests']})"
+    lines.append(f"non-streaming, {a['tokens']} tokens K=20, one at a time, arms in turn ({a['requests']} each)"
                  "        p50 ms   p99 ms")
     for n, v in res["latency_ms"].items():
         lines.append(f"  {n:<8} {v['p50']:>68.2f} {v['p99']:>8.2f}")
-    lines.append(f"\nstreams paced at {a['stream_delay_ms']} ms/token, {a['stream_tokens']} tokens"
-                 "                    TTFT p50 ms   last token p50 ms")
+    lines.append("  CPU per request of each proxy process (ms, the exporter's thread included): " + ", ".join(
+        f"{n} {v:.2f}" for n, v in res["cpu_ms_per_request"].items()))
+    lines.append(f"\nstreams paced at {a['stream_delay_ms']} ms/token, {a['stream_tokens']} tokens, {a['streams']} each"
+                 "           TTFT p50 ms   last token p50 ms")
     for n, v in res["stream_ms"].items():
         lines.append(f"  {n:<8} {v['ttft_p50']:>60.2f} {v['last_p50']:>19.2f}")
-    lines.append("\nadded over `off`, ms: difference [95 % bootstrap interval]")
+    lines.append("\nadded over `off`, ms: median of paired differences (p99: difference of p99s) "
+                 "[95 % bootstrap interval]")
     for n, v in res["added_vs_off_ms"].items():
         cells = "  ".join(f"{k} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for k, (d, lo, hi) in v.items())
         lines.append(f"  {n:<6} {cells}")
@@ -302,7 +316,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ports[name], pids[name] = t.port, t.pid
         r = Run(args, ports, up.port)
         res: dict[str, Any] = {"machine": machine(), "args": vars(args)}
+        cpu0 = {n: _targets.cpu_seconds(pids[n]) for n in ARMS}
         res["latency_raw"] = await r.latency()
+        res["cpu_ms_per_request"] = {n: (_targets.cpu_seconds(pids[n]) - cpu0[n]) / (args.requests + 20) * 1e3
+                                     for n in ARMS}
         res["streams_raw"] = await r.streams()
         res["throughput"] = await r.throughput(pids)
         res["span_cost"] = await span_cost(args, url, f"http://127.0.0.1:{sk.port}")
@@ -321,9 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--requests", type=int, default=150, help="non-streaming requests per arm per round")
-    ap.add_argument("--streams", type=int, default=10, help="paced streams per arm per round")
+    ap.add_argument("--requests", type=int, default=1000, help="non-streaming requests per arm")
+    ap.add_argument("--streams", type=int, default=80, help="paced streams per arm")
     ap.add_argument("--stream-tokens", type=int, default=64)
     ap.add_argument("--stream-delay-ms", type=float, default=2.0)
     ap.add_argument("--concurrency", type=int, default=16)
@@ -336,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         sink(args.sink)
         return 0
     if args.quick:
-        args.rounds, args.requests, args.streams, args.stream_tokens, args.level_seconds = 2, 20, 2, 16, 1.0
+        args.requests, args.streams, args.stream_tokens, args.level_seconds = 40, 4, 16, 1.0
         args.tp_rounds, args.span_requests = 1, 50
     res = asyncio.run(run(args))
     print(report(res))
