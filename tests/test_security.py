@@ -134,9 +134,10 @@ def test_no_request_field_or_header_can_choose_another_upstream(fake: FaultUpstr
 
 async def test_a_thousand_random_model_names_add_no_series(recorded: RecordedUpstream) -> None:
     recorded.serve(CHAT, "chat_k20.json")
-    # small monitor windows, filled first: their gauges (drift, diversity) exist before the count is taken
-    async with proxy_client(recorded, components=COMPONENTS, **{"monitors.window": 10,
-                                                                "monitors.baseline": 100}) as c:
+    # small monitor windows and baselines, filled first: their gauges (drift, diversity, baseline) exist before the
+    # count is taken
+    async with proxy_client(recorded, components=COMPONENTS, **{"monitors.window": 10, "monitors.baseline": 100,
+                                                                "monitors.baseline_responses": 10}) as c:
         for i in range(100):
             await c.post(CHAT, json=chat_body(model="first-unknown" if i % 2 else "smollm2"))
         before = (await c.get("/metrics")).text

@@ -210,6 +210,8 @@ def install(app: Any, settings: Any, hub: Any, registry: Any = None) -> contextl
         if manager.persists:
             mon.on_candidate = manager.submit
         mon.status_sections["baselines"] = manager.status
+        for name in settings.models:  # configured models are listed (state unknown, counters at 0) before traffic
+            mon._get(mon.label(name))
 
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[BaselineManager]:
