@@ -98,6 +98,14 @@ async def test_auto_baseline_shared_by_two_replicas_and_kept_over_a_restart(stor
     up = Upstream("rev-1")
     async with replica(store_url, up) as a, replica(store_url, up) as b:
         assert app_revision(a) == "rev-1" and app_revision(b) == "rev-1"
+        # Before any traffic: listed, unknown, its counters at zero.
+        st = status(a)
+        assert st["state"] == "unknown" and st["revision"] == "rev-1" and st["baseline"]["in_use"] is None
+        assert any("warm-up 0/2000 tokens, 0/30 responses" in r for r in st["diagnosis"])
+        s0 = series(a)
+        assert ({"model": "m", "state": "unknown"}, 1.0) in s0["entropy_proxy_entropy_state"]
+        assert s0["entropy_proxy_forking_checked_tokens_total"] == [({"model": "m"}, 0.0)]
+        assert "entropy_proxy_baseline" not in s0 and "entropy_proxy_baseline_info" not in s0
         await feed(a, rng, 40)  # 40 x 64 tokens >= 2,000 and >= 30 responses: the warm-up is complete
         await a.state.baselines.sync()
         assert a.state.baselines.written == 1
