@@ -356,7 +356,10 @@ class ProxyService:
                 async for chunk in chunks:
                     t = perf_counter()
                     events = decoder.decode(chunk)
-                    out = b"".join(self._event(ev, ra, call, state) for ev in events) if events else b""
+                    if len(events) == 1:  # one event per upstream write: vLLM's usual stream
+                        out = self._event(events[0], ra, call, state)
+                    else:
+                        out = b"".join([self._event(ev, ra, call, state) for ev in events])
                     call.proxy_s += perf_counter() - t
                     if out:
                         yield out

@@ -47,6 +47,12 @@ class SSEDecoder:
         return bool(self._buf) or bool(self._raw)
 
     def decode(self, chunk: bytes) -> list[SSEEvent]:
+        if not self._buf and not self._raw and chunk.endswith(b"\n\n") and b"\r" not in chunk:
+            # The usual upstream write: whole "data: ...\n\n" events and nothing else. Same events as the line
+            # loop below, without it (one event per upstream write is the common case of a vLLM stream).
+            parts = chunk[:-2].split(b"\n\n")
+            if all(p[:6] == b"data: " and b"\n" not in p for p in parts):
+                return [SSEEvent(p + b"\n\n", p[6:], None, 0) for p in parts]
         buf = self._buf
         buf += chunk
         events: list[SSEEvent] = []

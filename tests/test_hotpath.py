@@ -246,3 +246,34 @@ def test_typed_positions_equal_careful(content: list[dict[str, Any]]) -> None:
         assert np.array_equal(getattr(typed, f), getattr(ref, f))
     assert typed.tokens == ref.tokens and typed.alternatives == ref.alternatives
     assert (typed.skipped, typed.impossible, typed.collapsed) == (ref.skipped, ref.impossible, ref.collapsed)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(
+    st.binary(max_size=12).map(lambda b: b"data: " + b.replace(b"\r", b"").replace(b"\n", b"") + b"\n\n"),
+    st.sampled_from([b"data: x\n\n", b": keep-alive\n\n", b"data:x\n\n", b"event: e\ndata: y\n\n", b"\n",
+                     b"data: a\r\n\r\n", b"data: {}\n", b"\n\n", b"data: a\ndata: b\n\n", b"id: 3\n\n"])),
+    max_size=8), st.data())
+def test_sse_whole_event_shortcut_equals_line_loop(pieces: list[bytes], data: st.DataObject) -> None:
+    """The decoder's shortcut for writes of whole "data:" events gives what its line loop gives, however the
+    stream is cut into writes."""
+    stream = b"".join(pieces)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
+    writes = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    fast, slow = SSEDecoder(), SSEDecoder()
+    got: list[tuple[Any, ...]] = []
+    want: list[tuple[Any, ...]] = []
+    for w in writes:
+        got += [(e.raw, e.data, e.event, e.comments) for e in fast.decode(w)]
+        want += [(e.raw, e.data, e.event, e.comments) for e in _line_loop(slow, w)]  # what the shortcut replaces
+    got += [(e.raw, e.data, e.event, e.comments) for e in fast.flush()]
+    want += [(e.raw, e.data, e.event, e.comments) for e in slow.flush()]
+    assert got == want
+
+
+def _line_loop(dec: SSEDecoder, chunk: bytes) -> list[Any]:
+    """SSEDecoder.decode without its whole-event shortcut (a sentinel byte defeats it, then is dropped)."""
+    if not chunk:
+        return dec.decode(chunk)
+    dec._buf += chunk[:1]  # a non-empty buffer: the shortcut is skipped
+    return dec.decode(chunk[1:])
