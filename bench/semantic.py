@@ -103,8 +103,7 @@ async def _ask(client: httpx.AsyncClient, model: str, q: dict[str, Any]) -> dict
     t0 = time.perf_counter()
     gj = await _post(client, {**base, "temperature": 0.0, "top_logprobs": TOP_K})
     t1 = time.perf_counter()
-    sj = await _post(client, {**base, "temperature": 1.0, "n": SAMPLES, "top_logprobs": 0,
-                              "seed": int(q["id"][1:])})
+    sj = await _post(client, {**base, "temperature": 1.0, "n": SAMPLES, "top_logprobs": 0})
     t2 = time.perf_counter()
     return {
         "id": q["id"],
@@ -289,7 +288,8 @@ def cv_threshold(per_threshold: dict[float, np.ndarray], wrong: np.ndarray, part
 
 
 # -- analyse ----------------------------------------------------------------------------------------------------------
-def analyse(questions: list[dict[str, Any]], answers: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+def analyse(questions: list[dict[str, Any]], answers: list[dict[str, Any]], seed: int = 0,
+            n_boot: int = BOOTSTRAP) -> dict[str, Any]:
     by_id = {a["id"]: a for a in answers}
     qs = [q for q in questions if q["id"] in by_id]
     recs = [by_id[q["id"]] for q in qs]
@@ -340,7 +340,7 @@ def analyse(questions: list[dict[str, Any]], answers: list[dict[str, Any]], seed
     table = []
     for name, s in scores.items():
         a = auroc_wrong(s, wrong)
-        lo, hi = bootstrap_ci(s, wrong, rng)
+        lo, hi = bootstrap_ci(s, wrong, rng, n_boot)
         table.append({"score": name, "auroc": a, "ci": [lo, hi]})
 
     per_kind = {}

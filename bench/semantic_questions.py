@@ -71,12 +71,16 @@ def elements() -> list[dict[str, object]]:
 def arithmetic(seed: int = 13) -> list[dict[str, object]]:
     rng = random.Random(seed)
     out = []
-    for _ in range(N_ADD):
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
+    pairs: list[tuple[int, int]] = []
+    while len(pairs) < N_ADD:
+        pair = (rng.randint(10, 99), rng.randint(10, 99))
+        if pair not in pairs:
+            pairs.append(pair)
+    for a, b in pairs:
         out.append({"kind": "add", "question": f"What is {a} + {b}?", "gold": str(a + b), "aliases": [],
                     "source": f"generated (seed {seed})"})
-    for _ in range(N_MUL):
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
+    # Drawn without replacement, a <= b: no question twice, nor the same product asked both ways round.
+    for a, b in rng.sample([(x, y) for x in range(2, 13) for y in range(x, 13)], N_MUL):
         out.append({"kind": "mul", "question": f"What is {a} times {b}?", "gold": str(a * b), "aliases": [],
                     "source": f"generated (seed {seed})"})
     return out
