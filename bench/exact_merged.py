@@ -41,9 +41,9 @@ def _ids(tokens: list[str]) -> list[int]:
     return [int(t.removeprefix("token_id:")) for t in tokens]
 
 
-def record(client: httpx.Client, url: str, prompt: str, seed: int, scorer: Scorer) -> dict[str, Any] | None:
+def record(client: httpx.Client, url: str, prompt: str, seed: int, scorer: Scorer, k: int = K) -> dict[str, Any] | None:
     req = {"model": "smollm2", "prompt": prompt, "max_tokens": 40, "temperature": 1.0, "top_p": 1.0,
-           "seed": seed, "logprobs": K}
+           "seed": seed, "logprobs": k}
     plain = client.post(url + "/v1/completions", json=req).json()
     by_id = client.post(url + "/v1/completions", json={**req, "return_tokens_as_token_ids": True,
                                                        "return_token_ids": True}).json()
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--seeds", type=int, default=6)
     ap.add_argument("--keep", type=int, default=3)
+    ap.add_argument("--k", type=int, default=K, help="logprobs per position (a small K puts the sampled token "
+                    "below the top K more often)")
     args = ap.parse_args(argv)
     scorer = Scorer(MODEL_DIR)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -85,10 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     with httpx.Client(timeout=300.0) as client:
         for i, prompt in enumerate(PROMPTS):
             for seed in range(args.seeds):
-                rec = record(client, args.vllm.rstrip("/"), prompt, seed, scorer)
+                rec = record(client, args.vllm.rstrip("/"), prompt, seed, scorer, args.k)
                 if rec is None:
                     continue
-                path = args.out / f"merged_{i}_{seed}.json"
+                path = args.out / f"merged_k{args.k}_{i}_{seed}.json"
                 path.write_text(json.dumps(rec, ensure_ascii=False, indent=1) + "\n")
                 kept += 1
                 print(f"{path}: merged positions {rec['exact']['merged_positions']}", flush=True)
