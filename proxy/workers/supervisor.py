@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
@@ -77,6 +78,7 @@ def serve_worker(
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
 
+    _exit_with_parent(server_exit=lambda: os.kill(os.getpid(), signal.SIGTERM))
     server = Server(uvicorn.Config(
         WorkerMiddleware(app, me), log_level=settings.log_level, access_log=False,
         timeout_graceful_shutdown=SHUTDOWN_DEADLINE_S, lifespan="on",
@@ -84,6 +86,20 @@ def serve_worker(
     gc.freeze()  # see proxy.cli: start-up objects out of the collector's reach
     server.run(sockets=[sock, private])
     sys.exit(0 if server.started else 3)
+
+
+def _exit_with_parent(server_exit: Any) -> None:
+    """A supervisor that vanished without passing on a signal (SIGKILL, OOM) must not leave workers serving
+    on its port: each worker then drains and exits as on SIGTERM."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.warning("supervisor (pid %d) is gone; draining", parent)
+        server_exit()
+
+    threading.Thread(target=watch, name="entropy-proxy-parent-watch", daemon=True).start()
 
 
 class Supervisor:
