@@ -211,6 +211,17 @@ async def test_other_routes_are_not_traced(recorded: RecordedUpstream, collector
     assert recorded.requests[0][2]["traceparent"] == f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
 
 
+async def test_otel_sdk_disabled_traces_nothing(recorded: RecordedUpstream, collector,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    recorded.serve("/v1/chat/completions", "chat_k20.json")
+    async with otel_client(recorded) as c:
+        await c.post("/v1/chat/completions", json=CHAT, headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"})
+        assert not hasattr(c.app.state, "otel")
+    assert recorded.requests[0][2]["traceparent"] == f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"  # as with otel off
+    assert collector.requests == 0
+
+
 async def test_feedback_and_later_evaluations_join_the_response_trace(recorded: RecordedUpstream, collector,
                                                                        tmp_path: Path) -> None:
     recorded.serve("/v1/chat/completions", "chat_k20.json")

@@ -13,6 +13,8 @@ semantic part is installed before this one, as ``COMPONENTS`` orders it).
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,6 +24,9 @@ SHUTDOWN_S = 5.0  # how long a stop waits for queued spans to be exported
 
 def install(app: Any, settings: Any, hub: Any, registry: Any) -> Any:
     if not settings.otel.enabled:
+        return None
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":  # the standard switch wins
+        logging.getLogger("entropy_proxy.otel").info("otel.enabled, but OTEL_SDK_DISABLED=true: nothing is traced")
         return None
     try:
         from .export import build

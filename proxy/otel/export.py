@@ -87,7 +87,7 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
             self.counters.dropped.labels("queue_full").inc()
         self._bp.emit(span)
 
-    def shutdown(self, timeout_millis: int = 30000) -> None:  # type: ignore[override]
+    def shutdown(self, timeout_millis: int = 30000) -> None:
         if self._bp._shutdown:  # noqa: SLF001 - the lifespan's stop, then the provider's atexit hook
             return
         self._bp.shutdown(timeout_millis=timeout_millis)
@@ -116,5 +116,4 @@ def build(upstream_url: str, registry: CollectorRegistry) -> Tracing:
     provider.add_span_processor(processor)
     u = urlsplit(upstream_url)
     port = u.port or (443 if u.scheme == "https" else 80)
-    disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
-    return Tracing(provider, processor, (u.hostname or "", port), disabled=disabled)
+    return Tracing(provider, processor, (u.hostname or "", port))

@@ -83,7 +83,7 @@ class RecordObserver:
 def _header(scope: Scope, name: bytes) -> str | None:
     for k, v in scope["headers"]:
         if k.lower() == name:
-            return v.decode("latin-1")
+            return str(v.decode("latin-1"))
     return None
 
 

@@ -108,7 +108,7 @@ def _flags_label(summary: dict[str, Any]) -> str:
 def _number(v: Any, kind: type) -> float | int | None:
     if isinstance(v, bool) or not isinstance(v, int | float):
         return None
-    return kind(v)
+    return float(v) if kind is float else int(v)
 
 
 def request_attributes(endpoint: str, body: Any, model_hint: str) -> dict[str, Any]:
@@ -143,7 +143,7 @@ def request_attributes(endpoint: str, body: Any, model_hint: str) -> dict[str, A
 
 
 def evaluation_event(name: str, value: float | None, label: str | None, response_id: str | None,
-                     explanation: str | None = None, **extra: Any) -> dict[str, Any]:
+                     explanation: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     attrs: dict[str, Any] = {"gen_ai.evaluation.name": name}
     if value is not None:
         attrs["gen_ai.evaluation.score.value"] = float(value)
@@ -153,22 +153,20 @@ def evaluation_event(name: str, value: float | None, label: str | None, response
         attrs["gen_ai.evaluation.explanation"] = explanation
     if response_id:
         attrs["gen_ai.response.id"] = response_id
-    attrs.update({k: v for k, v in extra.items() if v is not None})
+    attrs.update({k: v for k, v in (extra or {}).items() if v is not None})
     return attrs
 
 
 class Tracing:
     """What the middleware and the rest of the proxy call; owns the tracer and the response-id index."""
 
-    def __init__(self, provider: TracerProvider, processor: SpanProcessor, server: tuple[str, int | None],
-                 *, disabled: bool = False) -> None:
+    def __init__(self, provider: TracerProvider, processor: SpanProcessor, server: tuple[str, int | None]) -> None:
         self.provider = provider
         self.processor = processor
         self.tracer = provider.get_tracer("entropy_proxy")
         self.sampler = provider.sampler
         self.resource = provider.resource
         self.scope = InstrumentationScope("entropy_proxy")
-        self.disabled = disabled  # OTEL_SDK_DISABLED
         self.server = server
         self._known: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
         self._lock = threading.Lock()
@@ -176,11 +174,9 @@ class Tracing:
     # -- on the request path: cheap ------------------------------------------------------------------------------
     def should_sample(self, parent: tuple[int, int, int] | None, tracestate: str | None, trace_id: int,
                       endpoint: str) -> bool:
-        if self.disabled:
-            return False
         result = self.sampler.should_sample(_parent_context(parent, tracestate), trace_id, OPERATION[endpoint],
                                             SpanKind.CLIENT)
-        return result.decision.is_sampled()
+        return bool(result.decision.is_sampled())  # type: ignore[no-untyped-call]
 
     # -- after the response ----------------------------------------------------------------------------------------
     def finish(self, rec: RequestRecord) -> None:
@@ -251,7 +247,7 @@ class Tracing:
                 value = obs.summary.get(key)
                 if value is not None:
                     events.append(Event(EVALUATION_EVENT, evaluation_event(
-                        ev_name, value, label, None, **{"entropy_proxy.choice.index": obs.choice_index}), ts))
+                        ev_name, value, label, None, extra={"entropy_proxy.choice.index": obs.choice_index}), ts))
         parent = None
         state = None
         if rec.parent is not None:
@@ -298,7 +294,7 @@ class Tracing:
             span = self.tracer.start_span(f"evaluation {name}", context=ctx, kind=SpanKind.INTERNAL,
                                           attributes=attrs, links=links, start_time=start_ns)
             span.add_event(EVALUATION_EVENT, evaluation_event(name, value, label, response_id, explanation,
-                                                              **(event_attributes or {})))
+                                                              extra=event_attributes))
             span.end()
         except Exception:  # noqa: BLE001
             log.exception("building the %s evaluation span failed", name)
