@@ -133,10 +133,13 @@ def test_unusual_bodies_fall_back() -> None:
         variant(lambda o: o.pop("choices")),
         variant(lambda o: o["choices"].append("not an object")),
         raw.replace(b'"logprob":', b'"logprob":NaN,"x":', 1),
+        raw.replace(b'"bytes":[', b'"bytes":["\xff\xfe",', 1),  # invalid UTF-8 in a field msgspec skips
+        raw.replace(b'"bytes":[', b'"bytes":["\\ud800",', 1),  # a lone surrogate escape there
+
         b"[1,2]",
         raw[:-1],
     ]
-    assert lp and len(unusual) == 10
+    assert lp and len(unusual) == 12
     for body in unusual:
         assert fast_body(body, ask(), 20) is None
         ra = ResponseAnnotator(ANN, ask(), 20, "m")

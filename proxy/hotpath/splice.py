@@ -107,6 +107,15 @@ def _read(raw: bytes, ask: ClientAsk, k_sent: int, stream: bool) -> tuple[_Body,
     ``logprobs`` value, offset of its closing brace, Positions — None when the logprobs are ``null``)."""
     if ask.endpoint != "chat":
         return None
+    # msgspec skips the fields it is not asked for without checking them; orjson refuses invalid UTF-8 and
+    # surrogate escapes anywhere, and the careful path answers such a body as orjson and the stdlib read it.
+    if not raw.isascii():
+        try:
+            raw.decode()
+        except UnicodeDecodeError:
+            return None
+    if b"\\ud" in raw or b"\\uD" in raw:
+        return None
     try:
         body = _BODY.decode(raw)
     except msgspec.DecodeError:
