@@ -269,6 +269,23 @@ async def test_semantic_entropy_results_become_evaluations_in_the_trace(recorded
     assert evs[0]["entropy_proxy.semantic.clusters"] == 2 and evs[0]["entropy_proxy.choice.index"] == 0
 
 
+async def test_traceresponse_lets_feedback_find_the_trace_without_the_index(recorded: RecordedUpstream, collector,
+                                                                             tmp_path: Path) -> None:
+    recorded.serve("/v1/chat/completions", "chat_k20.json")
+    async with otel_client(recorded, "proxy.audit", **{"audit.enabled": True, "audit.sample_rate": 1.0,
+                                                       "audit.public": True,
+                                                       "audit.url": f"sqlite:///{tmp_path}/audit.db"}) as c:
+        r = await c.post("/v1/chat/completions", json=CHAT)
+        own = r.headers["traceresponse"]
+        c.app.state.otel._known.clear()  # as after a restart, or on another worker
+        fb = await c.post("/v1/feedback", json={"id": r.json()["id"], "correct": True}, headers={"traceparent": own})
+        assert fb.status_code == 200
+    spans = {s["name"]: s for s in collector.wait_for(2)}
+    req, fb_span = spans["chat smollm2"], spans["evaluation feedback"]
+    assert own == f"00-{req['trace_id']}-{req['span_id']}-01"
+    assert fb_span["trace_id"] == req["trace_id"] and fb_span["parent_span_id"] == req["span_id"]
+
+
 def test_off_loads_no_opentelemetry(tmp_path: Path) -> None:
     """With otel off the proxy adds no OpenTelemetry module to what FastAPI itself imports (FastAPI >= 0.16x
     imports opentelemetry-api for its own, unconfigured, telemetry), and none of the SDK or exporter."""

@@ -10,6 +10,10 @@ RequestEvent, found through a context variable that the service's tasks inherit.
 After the last byte went to the client: the span is built and ended (``Tracing.finish``) and handed to the
 SDK's batch processor; nothing of it delays the response.
 
+The response names the span in a ``traceresponse`` header (W3C Trace Context Level 2): a client that sends it back
+as ``traceparent`` with its feedback gets the feedback span into the response's trace even where this process no
+longer knows the response (a restart, another worker or replica).
+
 ``POST /v1/feedback`` answers are watched too: a 200 becomes an evaluation span in the labelled response's
 trace (``Tracing.evaluation``).
 """
@@ -114,7 +118,8 @@ class OtelMiddleware:
         sampled = self.tracing.should_sample(parent, tracestate, trace_id, endpoint)
         rec = RequestRecord(endpoint, start_ns, t0, trace_id, span_id, parent, tracestate, sampled)
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"traceparent"]
-        headers.append((b"traceparent", traceparent.format(trace_id, span_id, sampled).encode()))
+        own = traceparent.format(trace_id, span_id, sampled).encode()
+        headers.append((b"traceparent", own))
         scope = {**scope, "headers": headers}
 
         async def receive_kept() -> Message:
@@ -144,6 +149,8 @@ class OtelMiddleware:
                 for k, v in msg.get("headers", ()):
                     if k.lower() == b"content-type":
                         rec.streamed = v.startswith(b"text/event-stream")
+                if sampled:
+                    msg = {**msg, "headers": [*msg.get("headers", ()), (b"traceresponse", own)]}
             await send(msg)
 
         token = current.set(rec)
