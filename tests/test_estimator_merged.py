@@ -205,3 +205,20 @@ def test_recorded_vllm_completions_with_merged_tokens_keep_the_bounds(path):
 
 def test_the_recorded_merges_exist():
     assert EXACT_MERGED, "tests/fixtures/exact-merged is empty: run bench/exact_merged.py"
+
+
+def test_the_short_dict_rule_alone_breaks_on_a_recorded_vllm_position():
+    """The issue's failure on real vLLM output: position 0 of ``merged_k5_7_201`` (K=5, the sampled " Im" far below
+    the top 5, tokens decoding to "" merged into one key, so the dict still has 5 keys). Flagging only dicts shorter
+    than K puts the lower bound above the exact entropy there; the reader's rule does not."""
+    rec = json.loads((Path(__file__).parent / "fixtures" / "exact-merged" / "merged_k5_7_201.json").read_text())
+    lp = rec["response"]["choices"][0]["logprobs"]
+    top, exact, v = lp["top_logprobs"][0], rec["exact"]["exact_entropy_nats"][0], rec["exact"]["vocab_size"]
+    assert len(top) == 5 and 0 in rec["exact"]["merged_positions"]
+    row = np.array([list(top.values())])
+    col = np.array([list(top).index(lp["tokens"][0])])
+    short_only = estimate_positions(row, v, sampled_col=col, collapsed=np.array([len(top) < 5]))
+    assert short_only.lower[0] > exact + 0.5  # the old rule: a "rigorous" bound well above the truth
+    pos = completion_positions(lp, 0, 5)
+    est = estimate_positions(pos.logprobs, v, sampled_col=pos.sampled_col, collapsed=pos.collapsed)
+    assert pos.collapsed[0] and est.lower[0] <= exact <= est.upper[0]
