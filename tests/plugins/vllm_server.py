@@ -126,7 +126,8 @@ def vllm_server() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def vllm_model(vllm_server: str) -> str:
-    """The served model name (``smollm2`` for the local server; whatever the external one serves first)."""
+    """The served model name: ``smollm2``, which the session's vLLM (local, or external once proved) serves."""
     r = httpx.get(vllm_server + "/v1/models", timeout=10.0)
     r.raise_for_status()
-    return str(r.json()["data"][0]["id"])
+    ids = [str(d["id"]) for d in r.json()["data"]]
+    return MODEL if MODEL in ids else ids[0]
