@@ -88,6 +88,7 @@ def check(api: PhoenixAPI, unary: dict[str, Any], sent: list[str], trace_ids: li
     assert chat["context"]["trace_id"] == CLIENT_TRACE
     assert chat["parent_id"] == CLIENT_SPAN
     assert sent[0] == f"00-{CLIENT_TRACE}-{chat['context']['span_id']}-01"  # the upstream's parent is this span
+    assert chat["span_kind"] == "LLM"  # Phoenix reads the GenAI attributes (docs/otel.md says so)
     a = chat["attributes"]
     assert a["gen_ai.operation.name"] == "chat"
     assert a["gen_ai.provider.name"] == "openai"
