@@ -211,6 +211,18 @@ async def test_other_routes_are_not_traced(recorded: RecordedUpstream, collector
     assert recorded.requests[0][2]["traceparent"] == f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
 
 
+async def test_the_configured_sampler_decides_on_arrival(recorded: RecordedUpstream, collector,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    recorded.serve("/v1/chat/completions", "chat_k20.json")
+    async with otel_client(recorded) as c:
+        r = await c.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200 and "traceresponse" not in r.headers
+    assert recorded.requests[0][2]["traceparent"].endswith("-00")  # the upstream is told: not sampled
+    assert collector.requests == 0
+
+
 async def test_otel_sdk_disabled_traces_nothing(recorded: RecordedUpstream, collector,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
