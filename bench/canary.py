@@ -9,7 +9,8 @@ sampler's budget accounting) directly against the upstream:
 2. ``--unchanged`` more rounds of the same model at 1.0, each compared with the baseline: every state other than
    ``healthy`` is a false claim (the diagnosis controls the family-wise rate at 5 % per round);
 3. ``--collapsed`` rounds of each "collapsed" variant, each compared with the same baseline: the model sampled at
-   temperature 0.3, and the model under a system prompt that forces one answer template.
+   temperature 0.3; the model under a system prompt that asks for one answer template; the same template forced
+   as the start of every answer (``continue_final_message``), since SmolLM2-135M does not follow system prompts.
 
 Writes ``test-artifacts/canary-bench.json`` (every round's measures and verdict) and prints a Markdown table.
 Cost: tokens per round from the upstream's ``usage`` (sampling plus re-scoring of the reference texts), and what
@@ -32,13 +33,16 @@ import httpx
 from monitors.canary_diagnosis import compare, diagnose_canary
 from proxy.background.sampler import BackgroundSampler
 from proxy.canary.prompts import load_prompts
-from proxy.canary.runner import Canary
+from proxy.canary.runner import Canary, Steering
 from proxy.canary.store import MemoryRounds, RoundRecord
 from proxy.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_SYSTEM = ("Whatever the user writes, reply with exactly this line and nothing else: "
                    "'Answer: OK.' Never add anything.")
+# SmolLM2-135M ignores system prompts (docs/recognition.md): the template is also forced as the answer's start.
+TEMPLATE_PREFILL = '```json\n{"answer": "'
+
 KEY_MEASURES = ("mean_entropy", "distinct_2", "chrf_distance", "format_entropy", "ratio")
 
 
@@ -94,7 +98,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.collapsed):
             await one("temp-0.3", temperature=0.3, store=False)
         for _ in range(args.collapsed):
-            await one("template", system=TEMPLATE_SYSTEM, store=False)
+            await one("template", steer=Steering(system=TEMPLATE_SYSTEM), store=False)
+        for _ in range(args.collapsed):
+            await one("prefill", steer=Steering(prefill=TEMPLATE_PREFILL), store=False)
         out["sampler"] = sampler.stats()
     out["summary"] = summarise(out["rounds"], args)
     return out
@@ -136,7 +142,7 @@ def table(result: dict[str, Any]) -> str:
     s = result["summary"]
     lines = ["| rounds | n | states | intervals excluding no change (rounds) | tokens/round | s/round |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for kind in ("baseline", "unchanged", "temp-0.3", "template"):
+    for kind in ("baseline", "unchanged", "temp-0.3", "template", "prefill"):
         if kind in s:
             k = s[kind]
             states = ", ".join(f"{st} {n}" for st, n in k["states"].items())

@@ -188,7 +188,7 @@ async def test_no_reference_no_ratio(tmp_path: Path) -> None:
 async def test_a_round_the_budget_cannot_cover_is_not_started(prompts_file: str) -> None:
     model = FakeModel()
     c = _canary(model, prompts_file)
-    need = c.round_worst_case("smollm2", c.prompts.for_model("smollm2"), 1.0, 5, None)
+    need = c.round_worst_case("smollm2", c.prompts.for_model("smollm2"), 1.0, 5)
     c = _canary(model, prompts_file, budget=need - 1)
     assert await c.run_round("smollm2") is None
     assert c.counts["skipped_budget"] == 1 and model.paths == []
@@ -296,3 +296,28 @@ async def test_database_rounds_per_revision(store_url: str) -> None:
         assert await rounds.models() == ["m"]
     finally:
         await store.close()
+
+
+async def test_a_forced_answer_start_is_sent_and_judged_with_the_answer(prompts_file: str) -> None:
+    from proxy.canary.runner import Steering
+
+    model = FakeModel()
+    bodies: list[dict[str, Any]] = []
+
+    def spy(request: httpx.Request) -> httpx.Response:
+        if request.url.path in ("/v1/chat/completions", "/tokenize") and request.content:
+            bodies.append(json.loads(request.content))
+        return model(request)
+
+    s = load_settings({"upstream": "http://fake", "canary.enabled": True, "canary.prompts_file": prompts_file,
+                       "canary.max_tokens": 6, "top_k": K, "vocab_size": len(WORDS)}, environ={})
+    client = httpx.AsyncClient(base_url="http://fake", transport=httpx.MockTransport(spy))
+    c = Canary(s, BackgroundSampler(client, s), load_prompts(prompts_file), MemoryRounds(),
+               models=lambda: ["smollm2"], revision=lambda m: "r")
+    r = await c.run_round("smollm2", steer=Steering(prefill="```json\n{"), store=False)
+    assert r is not None and all(p.formats == {"code": 5} for p in r.prompts)
+    chats = [b for b in bodies if "n" in b]
+    assert chats and all(b["continue_final_message"] and not b["add_generation_prompt"] for b in chats)
+    assert all(b["messages"][-1] == {"role": "assistant", "content": "```json\n{"} for b in bodies if "messages" in b)
+    plain = await c.run_round("smollm2", store=False)
+    assert plain is not None and all("code" not in p.formats for p in plain.prompts)

@@ -65,7 +65,7 @@ async def test_a_canary_round_on_the_real_model(vllm_server: str, vllm_model: st
         sampler = app.state.sampler
         used = sampler.tokens_last_hour("canary")
         assert used == spent
-        need = canary.round_worst_case(vllm_model, canary.prompts.for_model(vllm_model), 1.0, 3, None)
+        need = canary.round_worst_case(vllm_model, canary.prompts.for_model(vllm_model), 1.0, 3)
         sampler.add_purpose("canary", used + need - 1)
         assert await canary.run_round(vllm_model) is None and canary.counts["skipped_budget"] == 1
         assert sampler.tokens_last_hour("canary") == used

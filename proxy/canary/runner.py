@@ -62,6 +62,27 @@ class ModelState:
     law_points: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=LAW_ROUNDS))
 
 
+@dataclass(frozen=True, slots=True)
+class Steering:
+    """Changes to the canary's prompts that benchmarks use to make a model "collapse" on purpose: a system
+    message, or the start of every answer forced (``prefill``: the answer continues it, ``continue_final_message``)."""
+
+    system: str | None = None
+    prefill: str | None = None
+
+    def messages(self, prompt: Prompt) -> list[dict[str, str]]:
+        msgs = prompt.with_system(self.system)
+        return [*msgs, {"role": "assistant", "content": self.prefill}] if self.prefill else msgs
+
+    def chat_template(self) -> dict[str, Any]:
+        if self.prefill:
+            return {"add_generation_prompt": False, "continue_final_message": True}
+        return {"add_generation_prompt": True}
+
+
+NO_STEERING = Steering()
+
+
 def fixed_forking(settings: Settings) -> float:
     f = settings.thresholds.forking
     return float(f) if f != "adaptive" else PAPER_FORKING
@@ -90,13 +111,14 @@ class Canary:
         sampler.add_purpose(PURPOSE, self.cfg.max_tokens_per_hour)
 
     # -- one prompt ------------------------------------------------------------------------------------------------
-    def _body(self, model: str, prompt: Prompt, temperature: float, samples: int, system: str | None) -> dict[str, Any]:
-        return {"model": model, "messages": prompt.with_system(system), "n": samples, "temperature": temperature,
-                "max_tokens": prompt.max_tokens or self.cfg.max_tokens}
+    def _body(self, model: str, prompt: Prompt, temperature: float, samples: int, steer: Steering) -> dict[str, Any]:
+        extra = steer.chat_template() if steer.prefill else {}
+        return {"model": model, "messages": steer.messages(prompt), "n": samples, "temperature": temperature,
+                "max_tokens": prompt.max_tokens or self.cfg.max_tokens, **extra}
 
     async def _sample(self, model: str, prompt: Prompt, temperature: float, samples: int,
-                      system: str | None) -> tuple[list[str], list[np.ndarray], list[str | None], int] | None:
-        data = await self.sampler.chat(PURPOSE, self._body(model, prompt, temperature, samples, system))
+                      steer: Steering) -> tuple[list[str], list[np.ndarray], list[str | None], int] | None:
+        data = await self.sampler.chat(PURPOSE, self._body(model, prompt, temperature, samples, steer))
         if data is None:
             return None
         texts: list[str] = []
@@ -111,7 +133,7 @@ class Canary:
             if not isinstance(text, str) or pos.count == 0:
                 continue
             est = estimate_positions(pos.logprobs, vocab, sampled_col=pos.sampled_col)
-            texts.append(text)
+            texts.append((steer.prefill or "") + text)  # formats and answers are judged on the whole answer
             hs.append(np.asarray(est.point, dtype=np.float64))
             fins.append(choice.get("finish_reason"))
         usage = data.get("usage")
@@ -123,12 +145,12 @@ class Canary:
         ids = data.get("tokens") if data else None
         return ids if isinstance(ids, list) and all(isinstance(i, int) for i in ids) else None
 
-    async def reference_entropy(self, model: str, prompt: Prompt, system: str | None) -> float | None:
+    async def reference_entropy(self, model: str, prompt: Prompt, steer: Steering = NO_STEERING) -> float | None:
         """Mean per-token entropy (nats) of the prompt's reference text under the model, after its messages."""
         if prompt.reference is None:
             return None
-        prompt_ids = await self._tokenize({"model": model, "messages": prompt.with_system(system),
-                                           "add_generation_prompt": True})
+        prompt_ids = await self._tokenize({"model": model, "messages": steer.messages(prompt),
+                                           **steer.chat_template()})
         ids = await self._tokenize({"model": model, "prompt": prompt.reference, "add_special_tokens": False})
         if not prompt_ids or not ids:
             return None
@@ -145,12 +167,12 @@ class Canary:
         return h if math.isfinite(h) else None
 
     async def _prompt_round(self, model: str, prompt: Prompt, temperature: float, samples: int,
-                            system: str | None) -> tuple[PromptRound, int] | None:
-        got = await self._sample(model, prompt, temperature, samples, system)
+                            steer: Steering) -> tuple[PromptRound, int] | None:
+        got = await self._sample(model, prompt, temperature, samples, steer)
         if got is None:
             return None
         texts, hs, fins, tokens = got
-        h_off = await self.reference_entropy(model, prompt, system)
+        h_off = await self.reference_entropy(model, prompt, steer)
         correct = [bool(prompt.check(t, f)) for t, f in zip(texts, fins, strict=True)] if prompt.checkable else None
         pr = measure_prompt(prompt.id, prompt.kind, texts, hs, threshold=self.threshold, correct=correct,
                             h_off=h_off, finish_reasons=fins)
@@ -158,10 +180,10 @@ class Canary:
 
     # -- one round -------------------------------------------------------------------------------------------------
     def round_worst_case(self, model: str, prompts: list[Prompt], temperature: float, samples: int,
-                         system: str | None) -> int:
+                         steer: Steering = NO_STEERING) -> int:
         total = 0
         for p in prompts:
-            body = self._body(model, p, temperature, samples, system)
+            body = self._body(model, p, temperature, samples, steer)
             total += self.sampler.worst_case(body)
             if p.reference is not None:  # re-scoring: prompt plus reference, bounded by their bytes
                 total += self.sampler.worst_case({**body, "n": 1, "max_tokens": 1}) + len(
@@ -170,15 +192,15 @@ class Canary:
 
     async def run_round(
         self, model: str, *, temperature: float | None = None, samples: int | None = None,
-        system: str | None = None, store: bool = True, revision: str | None = None,
+        steer: Steering = NO_STEERING, store: bool = True, revision: str | None = None,
     ) -> RoundRecord | None:
         """Sample every prompt of ``model`` once (``samples`` each) and keep the round; None when the budget
-        cannot cover it. ``temperature``/``samples``/``system`` override the configuration (benchmarks)."""
+        cannot cover it. ``temperature``/``samples``/``steer`` override the configuration (benchmarks)."""
         temperature = self.cfg.temperature if temperature is None else temperature
         samples = samples or self.cfg.samples
         prompts = self.prompts.for_model(model)
         st = self.sampler.stats()[PURPOSE]
-        need = self.round_worst_case(model, prompts, temperature, samples, system)
+        need = self.round_worst_case(model, prompts, temperature, samples, steer)
         if st["tokens_last_hour"] + st["reserved"] + need > st["budget"]:
             self.counts["skipped_budget"] += 1
             log.info("canary round for %s skipped: needs up to %d tokens, %d of %d used in the last hour",
@@ -187,7 +209,7 @@ class Canary:
         results: list[tuple[PromptRound, int] | None] = [None] * len(prompts)
 
         async def one(i: int, p: Prompt) -> None:
-            results[i] = await self._prompt_round(model, p, temperature, samples, system)
+            results[i] = await self._prompt_round(model, p, temperature, samples, steer)
 
         async with anyio.create_task_group() as tg:
             for i, p in enumerate(prompts):
