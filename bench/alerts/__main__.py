@@ -70,7 +70,8 @@ def _stage_and_pin(sc: Scenario, recording: dict[str, Any], cluster: Cluster, wo
                                 "--note", "bench.alerts: staging run of the sharper revision").strip()
 
 
-def run_scenario(sc: Scenario, recording: dict[str, Any], workdir: Path, prometheus: str) -> dict[str, Any]:
+def run_scenario(sc: Scenario, recording: dict[str, Any], workdir: Path, prometheus: str,
+                 progress: bool = False) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     now = time.time()
     day0 = (int(now) - sc.minutes * 60 - 3 * 3600) // 86400 * 86400  # simulated minute 0 = 00:00 UTC
@@ -81,7 +82,8 @@ def run_scenario(sc: Scenario, recording: dict[str, Any], workdir: Path, prometh
         with Cluster(url, workdir / "replicas", n=sc.replicas) as cluster:
             if sc.staging:
                 notes.append(_stage_and_pin(sc, recording, cluster, workdir))
-            samples, log = run(sc.plan, sc.minutes, cluster, url, t_start, prompts=prompt_lists(recording))
+            samples, log = run(sc.plan, sc.minutes, cluster, url, t_start, prompts=prompt_lists(recording),
+                                progress=progress)
     finally:
         stop()
     t_prom = time.monotonic()
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--model", default=MODEL)
     rec.add_argument("--out", type=Path, default=record_mod.DEFAULT_OUT)
     rec.add_argument("--concurrency", type=int, default=6)
+    rec.add_argument("--only", nargs="*", help="record only these variants into the existing recording")
     r = sub.add_parser("run", help="run the scenarios (default)")
     r.add_argument("--recording", type=Path, default=record_mod.DEFAULT_OUT)
     r.add_argument("--smoke", action="store_true", help="two short scenarios: healthy and an entropy collapse")
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--no-doc", action="store_true", help="do not rewrite the table in docs/alerts.md")
     args = ap.parse_args(argv if argv is not None else (sys.argv[1:] or ["run"]))
     if args.cmd == "record":
-        meta = asyncio.run(record_mod.record(args.upstream, args.model, args.out, args.concurrency))
+        meta = asyncio.run(record_mod.record(args.upstream, args.model, args.out, args.concurrency,
+                                                  args.only))
         print(json.dumps(meta, indent=1))
         return 0
     prometheus = shutil.which("prometheus")
@@ -145,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     for sc in chosen:
         t = time.monotonic()
-        res = run_scenario(sc, recording, base / sc.name, prometheus)
+        print(f"{sc.name}: {sc.minutes} simulated minutes", flush=True)
+        res = run_scenario(sc, recording, base / sc.name, prometheus, progress=True)
         results.append(res)
         print(f"{sc.name}: {'ok' if res['ok'] else 'FAIL'} raised={res['raised']} fire={res.get('fire_min')} "
               f"held={res.get('held')} resolve={res.get('resolve_min')} false={len(res['false_pages'])} "

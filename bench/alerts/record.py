@@ -43,18 +43,33 @@ PROMPTS: dict[str, list[str]] = {
 }
 TEMPLATE_SYSTEM = ("You are a terse assistant. Whatever the user asks, reply with exactly one line in this form "
                    "and nothing else: 'ANSWER: <at most ten words>'.")
+# Repetitive tasks (counting, reciting sequences) decoded greedily: SmolLM2 then answers with near-certainty at
+# most tokens, forks included: what the proxy sees from a collapsed policy (at temperature 1 it wanders off the
+# sequence). Each prompt of the classes above maps to one.
+ENUMERATIONS = ["Count from 1 to 30, separated by spaces.", "Count from 1 to 40, separated by commas.",
+                "List the days of the week, one per line.", "Write the alphabet in capital letters.",
+                "Count down from 20 to 1.", "List the months of the year, separated by commas.",
+                "Write the even numbers from 2 to 40.", "Count from 10 to 40, separated by spaces."]
 # variant -> (temperature, system prompt, samples per prompt)
 VARIANTS: dict[str, tuple[float, str | None, int]] = {
     "normal": (1.0, None, 5),
     "low_temp": (0.2, None, 2),
     "template": (1.0, TEMPLATE_SYSTEM, 2),
     "greedy": (0.0, None, 1),
+    "repeat": (0.0, None, 1),
 }
+
+
+def _enumeration_for(prompt: str) -> str:
+    flat = [p for ps in PROMPTS.values() for p in ps]
+    return ENUMERATIONS[flat.index(prompt) % len(ENUMERATIONS)] if prompt in flat else ENUMERATIONS[0]
 
 
 def request_body(model: str, variant: str, prompt: str) -> dict[str, Any]:
     """The chat request a client sends for ``prompt`` in ``variant`` (the replay looks answers up by it)."""
     temperature, system, _ = VARIANTS[variant]
+    if variant == "repeat":
+        prompt = _enumeration_for(prompt)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return {"model": model, "messages": messages, "temperature": temperature, "max_tokens": MAX_TOKENS}
 
@@ -84,13 +99,23 @@ def _compact(choice: dict[str, Any], intern: _Interner) -> dict[str, Any]:
     return {"text": choice["message"]["content"], "finish": choice["finish_reason"], "positions": positions}
 
 
-async def record(upstream: str, model: str, out: Path, concurrency: int = 6) -> dict[str, Any]:
+async def record(upstream: str, model: str, out: Path, concurrency: int = 6,
+                 only: list[str] | None = None) -> dict[str, Any]:
+    """Record every variant (or, with ``only``, those variants into the existing recording at ``out``)."""
     intern = _Interner()
-    jobs = [(variant, cls, prompt) for variant, (_, _, n) in VARIANTS.items()
-            for cls, prompts in PROMPTS.items() for prompt in prompts for _ in range(n)]
     answers: dict[str, list[dict[str, Any]]] = {}
+    done_before, tokens = 0, 0
+    if only:
+        old = load(out)
+        for s in old["tokens"]:
+            intern(s)
+        answers = {k: v for k, v in old["answers"].items() if k.split("|")[0] not in only}
+        done_before = sum(len(v) for v in answers.values())
+        tokens = sum(len(a["positions"]) for v in answers.values() for a in v)
+    jobs = [(variant, cls, prompt) for variant, (_, _, n) in VARIANTS.items() if not only or variant in only
+            for cls, prompts in PROMPTS.items() for prompt in prompts for _ in range(n)]
     sem = asyncio.Semaphore(concurrency)
-    t0, tokens = time.monotonic(), 0
+    t0 = time.monotonic()
 
     async def one(client: httpx.AsyncClient, variant: str, cls: str, prompt: str) -> None:
         nonlocal tokens
@@ -102,12 +127,22 @@ async def record(upstream: str, model: str, out: Path, concurrency: int = 6) -> 
         compact = _compact(choice, intern)
         tokens += len(compact["positions"])
         answers.setdefault(f"{variant}|{cls}|{prompt}", []).append(compact)
+        done = sum(len(v) for v in answers.values())
+        if done % 50 == 0:  # a checkpoint: a long recording on a shared server keeps what it has
+            _write(out, model, intern, answers, done, tokens, t0)
+            print(f"recorded {done}/{len(jobs)} responses, {tokens} tokens, {time.monotonic() - t0:.0f} s",
+                  flush=True)
 
     async with httpx.AsyncClient(timeout=600) as client:
         await asyncio.gather(*(one(client, *job) for job in jobs))
+    return _write(out, model, intern, answers, done_before + len(jobs), tokens, t0)
+
+
+def _write(out: Path, model: str, intern: _Interner, answers: dict[str, list[dict[str, Any]]], responses: int,
+           tokens: int, t0: float) -> dict[str, Any]:
     meta = {"upstream_model": model, "max_tokens": MAX_TOKENS, "top_k": TOP_K, "variants":
             {k: {"temperature": v[0], "system": v[1], "samples": v[2]} for k, v in VARIANTS.items()},
-            "recorded_s": round(time.monotonic() - t0, 1), "responses": len(jobs), "tokens": tokens,
+            "recorded_s": round(time.monotonic() - t0, 1), "responses": responses, "tokens": tokens,
             "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     doc = {"meta": meta, "prompts": PROMPTS, "tokens": intern.table, "answers": answers}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,8 +56,9 @@ def _mix(m: int, rng: random.Random) -> Tick:
 
 
 def _restarts(m: int, rng: random.Random) -> Tick:
+    # From 4 h on (the automatic baseline exists), a replica restarts every 10 minutes, each every 30.
     tick = _healthy(m, rng)
-    if m and m % 10 == 0:
+    if m >= 240 and m % 10 == 0:
         tick.events.append(f"restart:{(m // 10) % 3}")
     return tick
 
@@ -93,18 +94,21 @@ def scenarios(smoke: bool = False) -> list[Scenario]:
         return [
             Scenario("healthy-steady", "healthy, steady mix (smoke)", 420, _healthy),
             Scenario("entropy-collapse", "genuine entropy collapse (smoke)", 420,
-                     _fault(240, 420, "low_temp"), expect=("EntropyProxyEntropyCollapse",), fault=(240, 420)),
+                     _fault(240, 420, "repeat"), expect=("EntropyProxyEntropyCollapse",), fault=(240, 420)),
         ]
     return [
-        Scenario("healthy-steady", "healthy, steady mix of prompt classes", DAY, _healthy),
-        Scenario("mix-shift", "healthy, prompt-class mix shifting between day and night, 2 days", 2 * DAY, _mix),
-        Scenario("restarts", "healthy, a replica restarted every 10 minutes", 720, _restarts),
+        Scenario("healthy-steady", "healthy, steady mix of prompt classes", 720, _healthy),
+        Scenario("mix-shift", "healthy, prompt-class mix shifting at 08:00 and 20:00, 36 h", DAY + 720, _mix),
+        Scenario("restarts", "healthy; from 4 h on a replica restarts every 10 minutes (each every 30)", 840,
+                 _restarts),
         Scenario("quiet-model", "busy 4 h, then quiet: one confident answer every 10 min", 900, _quiet),
         Scenario("replica-slice", "one replica of three sees only code questions", 720, _slice),
         Scenario("pinned-revision", "sharper revision (low temperature) deployed after a day, its baseline "
-                 "pinned before the deploy from a staging run", 2 * DAY, _revision, staging=("r2", "low_temp")),
-        Scenario("entropy-collapse", "genuine entropy collapse (low temperature) for 6 h, then recovery",
-                 warm + 360 + 240, _fault(warm, warm + 360, "low_temp"),
+                 "pinned before the deploy from a staging run; 8 h of it", DAY + 480, _revision,
+                 staging=("r2", "low_temp")),
+        Scenario("entropy-collapse", "genuine entropy collapse (near-certain answers: counting, reciting) for "
+                 "6 h, then recovery",
+                 warm + 360 + 240, _fault(warm, warm + 360, "repeat"),
                  expect=("EntropyProxyEntropyCollapse",), fault=(warm, warm + 360)),
         Scenario("format-collapse", "a system prompt forces one answer template for 6 h, then recovery",
                  warm + 360 + 240, _fault(warm, warm + 360, "template"),
@@ -112,7 +116,7 @@ def scenarios(smoke: bool = False) -> list[Scenario]:
         Scenario("diversity-collapse", "greedy decoding: the same answer to the same prompt, 6 h, then recovery",
                  warm + 360 + 240, _fault(warm, warm + 360, "greedy"),
                  expect=("EntropyProxyDiversityCollapse",), fault=(warm, warm + 360)),
-        Scenario("lasting-collapse", "entropy collapse that lasts 30 h, longer than the 1-day window",
-                 warm + 1800, _fault(warm, warm + 1800, "low_temp"),
-                 expect=("EntropyProxyEntropyCollapse",), fault=(warm, warm + 1800)),
+        Scenario("lasting-collapse", "entropy collapse that lasts 26 h, longer than the 1-day window",
+                 warm + 1560, _fault(warm, warm + 1560, "repeat"),
+                 expect=("EntropyProxyEntropyCollapse",), fault=(warm, warm + 1560)),
     ]

@@ -106,7 +106,7 @@ def _wait_for_revision(cluster: Cluster, revision: str, timeout: float = 30) -> 
 
 
 def run(plan: Plan, minutes: int, cluster: Cluster, upstream_url: str, t0: float, seed: int = 1,
-        prompts: dict[str, list[str]] | None = None) -> tuple[Recorder, RunLog]:
+        prompts: dict[str, list[str]] | None = None, progress: bool = False) -> tuple[Recorder, RunLog]:
     """Drive ``minutes`` simulated minutes starting at ``t0`` (unix seconds, on the minute)."""
     rng = random.Random(seed)
     rec = Recorder(rule_metric_names())
@@ -172,6 +172,9 @@ def run(plan: Plan, minutes: int, cluster: Cluster, upstream_url: str, t0: float
                         log.pins.append(f"minute {m}: pinned revision {pending_pin}")
                         pending_pin = None
                 await minute(client, tick, t0 + 60 * m)
+                if progress and m % 240 == 239:
+                    print(f"  minute {m + 1}/{minutes}: {log.requests} requests, {log.errors} errors, "
+                          f"{log.restarts} restarts, {time.monotonic() - started:.0f} s", flush=True)
 
     asyncio.run(main())
     log.wall_s = time.monotonic() - started
