@@ -8,11 +8,18 @@ tokens a response), each in its own process; the load client asks every path for
 2. streams paced by the upstream (``--stream-delay-ms`` a token): added time to first token and per chunk;
 3. throughput at 1/16/64/256 concurrent streams (upstream unpaced) and CPU seconds per 1,000 tokens;
 4. RSS of the proxy before/after ``--long-seconds`` of sustained streaming;
-5. whether logprobs came back intact (token, logprob, top list) through each path, streamed and not.
+5. whether logprobs came back intact (token, logprob, top list) through each path, streamed and not;
+3b. streams paced like vLLM's (one token per upstream write), ``--paced-streams`` at once: tokens per CPU-second of
+   each path's own processes.
+
+Proxy targets besides ``proxy`` (this tree), for before/after figures from one run: ``careful`` (this tree with
+the fast path off), ``before`` (``--before REV``: the proxy at a git revision, extracted with ``git archive``),
+``workers`` (``serve --workers N``, ``--workers``). ``--top-k K`` sets the proxy's K and the clients' request.
 
     python -m bench.overhead                       # full run (about 15 minutes with the 600 s soak)
     python -m bench.overhead --quick               # CI smoke: a few seconds a phase, no thresholds
     python -m bench.overhead --targets direct,proxy --json out.json
+    python -m bench.overhead --targets direct,careful,proxy,workers --before REV --long-seconds 120
 """
 
 from __future__ import annotations

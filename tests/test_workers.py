@@ -205,3 +205,21 @@ def test_merge_sums_counters_and_histograms_keeps_leader_gauges() -> None:
     assert _sample(text, "h_count") == 7 and _sample(text, "h_sum") == 3.5
     assert _sample(text, "g", m="a") == 0.25  # the leader's
     assert _sample(text, "g", m="b") == 0.5  # only another worker has it
+
+
+def test_leader_is_worker_zero_or_a_single_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from proxy.app import create_app
+    from proxy.settings import Settings
+    from proxy.workers import env as wenv
+
+    s = Settings(upstream="http://127.0.0.1:9")
+    for k in (wenv.INDEX, wenv.COUNT, wenv.RUN_DIR, wenv.SECRET):
+        monkeypatch.delenv(k, raising=False)
+    assert create_app(s, registry=CollectorRegistry(), components=()).state.is_leader is True
+    monkeypatch.setenv(wenv.INDEX, "1")
+    monkeypatch.setenv(wenv.COUNT, "2")
+    assert create_app(s, registry=CollectorRegistry(), components=()).state.is_leader is False
+    monkeypatch.setenv(wenv.INDEX, "0")
+    assert create_app(s, registry=CollectorRegistry(), components=()).state.is_leader is True
