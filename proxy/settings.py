@@ -101,11 +101,11 @@ class SemanticSettings(_Section):
     """Semantic entropy by shadow sampling (docs/configuration.md, "semantic"); needs the ``semantic`` extra."""
 
     sample_rate: float = Field(0.0, ge=0, le=1, description="share of chat requests that get shadow samples; 0: off")
-    samples: int = Field(5, ge=2, le=32, description="extra answers per sampled request (n, temperature 1)")
+    samples: int = Field(10, ge=2, le=32, description="extra answers per sampled request (n, temperature 1)")
     max_tokens_per_hour: int = Field(20_000, ge=1, description="the shadow samples' sliding-hour token budget")
     max_tokens: int = Field(64, ge=1, le=4096, description="tokens per shadow sample")
-    similarity_threshold: float = Field(0.8, gt=0, le=1, description="cosine at which two answers mean the same")
-    uncertain_nats: float = Field(0.6, ge=0, description="semantic entropy from which a `confident` response is "
+    similarity_threshold: float = Field(0.85, gt=0, le=1, description="cosine at which two answers mean the same")
+    uncertain_nats: float = Field(1.0, ge=0, description="semantic entropy from which a `confident` response is "
                                   "flagged `confident_inconsistent`")
     model_cache_dir: str | None = Field(None, description="where the packaged embedding model is unpacked")
 
