@@ -4,6 +4,7 @@
     python -m bench.alerts run                                           # every scenario, table into docs/alerts.md
     python -m bench.alerts run --smoke                                   # two short scenarios (the CI test)
     python -m bench.alerts run --only entropy-collapse quiet-model --no-doc
+    python -m bench.alerts table results.json --header "..."          # the table from a run's --json file
 """
 
 from __future__ import annotations
@@ -132,7 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--workdir", type=Path, default=None)
     r.add_argument("--json", type=Path, default=None, help="write the per-scenario results here")
     r.add_argument("--no-doc", action="store_true", help="do not rewrite the table in docs/alerts.md")
+    tb = sub.add_parser("table", help="write the docs table from a --json file of an earlier (partial) run")
+    tb.add_argument("json_file", type=Path)
+    tb.add_argument("--header", required=True, help="the line above the table: command, machine, what ran")
     args = ap.parse_args(argv if argv is not None else (sys.argv[1:] or ["run"]))
+    if args.cmd == "table":
+        text = table(json.loads(args.json_file.read_text()), args.header)
+        print(text)
+        write_doc(DOC, text)
+        return 0
     if args.cmd == "record":
         meta = asyncio.run(record_mod.record(args.upstream, args.model, args.out, args.concurrency,
                                                   args.only))
