@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -118,11 +119,13 @@ def summarise(rounds: list[dict[str, Any]], args: argparse.Namespace) -> dict[st
             for ch in r["verdict"].get("changes") or ():
                 if ch["significant"]:
                     sig[ch["measure"]] = sig.get(ch["measure"], 0) + 1
+        loose, any_loose = _unadjusted(rs)
         tokens = [r["tokens"] for r in rs]
         secs = [r["seconds"] for r in rs]
         summary[kind] = {
             "rounds": len(rs), "states": {st: states.count(st) for st in sorted(set(states))},
-            "significant_by_measure": sig, "tokens_per_round": round(sum(tokens) / len(tokens), 1),
+            "significant_by_measure": sig, "unadjusted_95_by_measure": loose, "rounds_with_an_unadjusted_95_claim":
+            any_loose, "tokens_per_round": round(sum(tokens) / len(tokens), 1),
             "seconds_per_round": round(sum(secs) / len(secs), 1),
             "example_changes": {ch["measure"]: _fmt_change(ch) for ch in (rs[-1]["verdict"].get("changes") or ())
                                 if ch["measure"] in KEY_MEASURES and ch["interval"][0] is not None},
@@ -133,6 +136,34 @@ def summarise(rounds: list[dict[str, Any]], args: argparse.Namespace) -> dict[st
     return summary
 
 
+def _unadjusted(rounds: list[dict[str, Any]]) -> tuple[dict[str, int], int]:
+    """What unadjusted 95 % intervals would have said: the stored (Bonferroni) interval's half-width gives the
+    standard error, which a 95 % Student quantile turns back into an interval. Per measure, the rounds in which it
+    excludes no change, and the rounds in which any measure does."""
+    from monitors.canary_diagnosis import t_quantile
+
+    per: dict[str, int] = {}
+    rounds_any = 0
+    for r in rounds:
+        hit = False
+        for ch in r["verdict"].get("changes") or ():
+            lo, hi = ch["interval"]
+            if lo is None or hi is None or ch["change"] is None:
+                continue
+            df = ch["prompts"] - 1
+            wide = t_quantile(1 - (1 - ch["level"]) / 2, df)
+            narrow = t_quantile(0.975, df)
+            if ch["measure"] == "ratio":
+                est, half = math.log(ch["change"]), (math.log(hi) - math.log(lo)) / 2
+            else:
+                est, half = ch["change"], (hi - lo) / 2
+            if abs(est) > half * narrow / wide:
+                per[ch["measure"]] = per.get(ch["measure"], 0) + 1
+                hit = True
+        rounds_any += hit
+    return per, rounds_any
+
+
 def _mean(xs: list[Any]) -> float | None:
     ys = [x for x in xs if isinstance(x, (int, float))]
     return round(sum(ys) / len(ys), 4) if ys else None
@@ -140,15 +171,17 @@ def _mean(xs: list[Any]) -> float | None:
 
 def table(result: dict[str, Any]) -> str:
     s = result["summary"]
-    lines = ["| rounds | n | states | intervals excluding no change (rounds) | tokens/round | s/round |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| rounds | n | states | Bonferroni intervals excluding no change (rounds) | rounds where an "
+             "unadjusted 95 % interval would | tokens/round | s/round |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for kind in ("baseline", "unchanged", "temp-0.3", "template", "prefill"):
         if kind in s:
             k = s[kind]
             states = ", ".join(f"{st} {n}" for st, n in k["states"].items())
             sig = ", ".join(f"{m} {n}" for m, n in sorted(k["significant_by_measure"].items())) or "none"
-            lines.append(f"| {kind} | {k['rounds']} | {states} | {sig} | {k['tokens_per_round']} | "
-                         f"{k['seconds_per_round']} |")
+            loose = ", ".join(f"{m} {n}" for m, n in sorted(k["unadjusted_95_by_measure"].items())) or "none"
+            lines.append(f"| {kind} | {k['rounds']} | {states} | {sig} | {k['rounds_with_an_unadjusted_95_claim']} "
+                         f"({loose}) | {k['tokens_per_round']} | {k['seconds_per_round']} |")
     return "\n".join(lines)
 
 
@@ -164,8 +197,13 @@ def cli() -> None:
     p.add_argument("--collapsed", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--out", default=str(ROOT / "test-artifacts" / "canary-bench.json"))
+    p.add_argument("--resummarise", metavar="JSON", help="re-read a run's output and print its table again")
     args = p.parse_args()
-    result = anyio.run(main, args)
+    if args.resummarise:
+        result = json.loads(Path(args.resummarise).read_text())
+        result["summary"] = summarise(result["rounds"], args)
+    else:
+        result = anyio.run(main, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(table(result))
