@@ -294,6 +294,7 @@ async def test_database_rounds_per_revision(store_url: str) -> None:
         latest = await rounds.latest("m", 2)
         assert [r.revision for r in latest] == ["a", "b"] and latest[0].pk is not None
         assert await rounds.models() == ["m"]
+        assert await rounds.revisions("m") == ["a", "b"]  # most recently sampled first
     finally:
         await store.close()
 
@@ -321,3 +322,17 @@ async def test_a_forced_answer_start_is_sent_and_judged_with_the_answer(prompts_
     assert all(b["messages"][-1] == {"role": "assistant", "content": "```json\n{"} for b in bodies if "messages" in b)
     plain = await c.run_round("smollm2", store=False)
     assert plain is not None and all("code" not in p.formats for p in plain.prompts)
+
+
+async def test_a_new_revision_is_compared_with_the_previous_revisions_baseline(prompts_file: str) -> None:
+    model = FakeModel(sharpness=0.4, seed=5)
+    c = _canary(model, prompts_file)
+    for _ in range(5):
+        await c.run_round("smollm2", revision="rev-a")
+    model.sharpness = 3.0  # post-training shipped as a new revision
+    r = await c.run_round("smollm2", revision="rev-b")
+    assert r is not None and r.verdict["state"] == "collapse", r.verdict["reasons"]
+    assert r.verdict["against_revision"] == "rev-a"
+    assert r.verdict["reasons"][0] == "baseline round 1 of 5 of revision rev-b: compared with revision rev-a's baseline"
+    assert await c.rounds.revisions("smollm2") == ["rev-b", "rev-a"]
+    assert len(await c.rounds.baseline("smollm2", "rev-b", 1.0, 5, 5)) == 1  # rev-b builds its own baseline

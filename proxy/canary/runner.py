@@ -12,7 +12,8 @@ measures of :mod:`monitors.canary`, kept per (model, revision) and compared with
   every request is still checked on its own (a round cut short is stored as incomplete and never joins a
   baseline).
 - **Baseline**: the first ``MIN_BASELINE`` complete rounds of the (model, revision) at the same temperature and
-  sample count. Before that the verdict is ``unknown``.
+  sample count. Until a revision has its own, its rounds are compared with the baseline of the model's most
+  recently sampled other revision (a post-training change shipped as a new revision); with none, ``unknown``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from ..background.sampler import BackgroundSampler
 from ..logprobs import chat_positions
 from ..settings import Settings
 from .prompts import Prompt, PromptSet
-from .store import RoundRecord, RoundStore
+from .store import RoundRecord, RoundStore, previous_baseline
 
 log = logging.getLogger("entropy_proxy.canary")
 
@@ -230,6 +231,13 @@ class Canary:
             reason = (f"baseline round {len(baseline) + 1} of {self.min_baseline}" if joins
                       else f"baseline has {len(baseline)} of {self.min_baseline} rounds")
             record.verdict = {"state": "unknown", "reasons": [reason], "changes": []}
+            prev = await previous_baseline(self.rounds, model, rev, temperature, samples, self.min_baseline)
+            if prev is not None:  # a new revision: compared with the one before it until it has its own baseline
+                other, rounds = prev
+                changes = compare([record.prompts], [b.prompts for b in rounds], k=pass_k_for(samples))
+                v = diagnose_canary(changes, baseline_rounds=len(rounds), min_baseline=self.min_baseline)
+                record.verdict = {**v.to_dict(), "against_revision": other, "reasons": [
+                    f"{reason} of revision {rev}: compared with revision {other}'s baseline", *v.reasons]}
         else:
             changes = compare([record.prompts], [b.prompts for b in baseline], k=pass_k_for(samples))
             record.verdict = diagnose_canary(changes, baseline_rounds=len(baseline),

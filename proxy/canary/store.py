@@ -51,6 +51,21 @@ class RoundStore(Protocol):
 
     async def count(self, model: str, revision: str) -> int: ...
 
+    async def revisions(self, model: str) -> list[str]: ...
+
+
+async def previous_baseline(
+    store: RoundStore, model: str, revision: str, temperature: float, samples: int, n: int
+) -> tuple[str, list[RoundRecord]] | None:
+    """The baseline of the model's most recently sampled *other* revision that has one (``n`` complete rounds at
+    this temperature and sample count): what a new revision is compared with until it has its own."""
+    for other in await store.revisions(model):
+        if other != revision:
+            rounds = await store.baseline(model, other, temperature, samples, n)
+            if len(rounds) >= n:
+                return other, rounds
+    return None
+
 
 class MemoryRounds:
     def __init__(self) -> None:
@@ -76,6 +91,11 @@ class MemoryRounds:
 
     async def count(self, model: str, revision: str) -> int:
         return len(self._rounds.get((model, revision), ()))
+
+    async def revisions(self, model: str) -> list[str]:
+        """The model's revisions, most recently sampled first."""
+        last = {rev: rs[-1].created for (m, rev), rs in self._rounds.items() if m == model and rs}
+        return sorted(last, key=lambda r: last[r], reverse=True)
 
 
 def _record(row: Any) -> RoundRecord:
@@ -130,6 +150,14 @@ class DatabaseRounds:
         q = sa.select(sa.func.count()).select_from(canary_rounds).where(c.model == model, c.revision == revision)
         async with self._engine().connect() as conn:
             return int((await conn.execute(q)).scalar() or 0)
+
+    async def revisions(self, model: str) -> list[str]:
+        """The model's revisions, most recently sampled first."""
+        c = canary_rounds.c
+        q = (sa.select(c.revision, sa.func.max(c.created).label("last")).where(c.model == model)
+             .group_by(c.revision).order_by(sa.text("last DESC")))
+        async with self._engine().connect() as conn:
+            return [r[0] for r in await conn.execute(q)]
 
     async def models(self) -> list[str]:
         async with self._engine().connect() as conn:
