@@ -144,12 +144,13 @@ def test_two_workers_one_port_metrics_summed_and_restart(upstream: tuple[str, ob
 
 @pytest.mark.slow
 def test_sigterm_drains_streams_on_every_worker(tmp_path: Path) -> None:
-    url, stop = start_replay_upstream(tokens=40, token_delay_ms=50)  # each stream takes about 2 s
+    url, stop = start_replay_upstream(tokens=40, token_delay_ms=100)  # each stream takes about 4 s
     port = free_port()
     proc = _start(url, tmp_path, port)
     try:
         _wait_up(port, proc)
         started: dict[str, threading.Event] = {"0": threading.Event(), "1": threading.Event()}
+        mine: list[threading.Event] = []  # one per client: its stream is in flight
         go = threading.Event()
         results: dict[int, tuple[str, bytes]] = {}
         errors: list[BaseException] = []
@@ -162,6 +163,7 @@ def test_sigterm_drains_streams_on_every_worker(tmp_path: Path) -> None:
                     it = r.iter_raw()
                     first = next(it)
                     started[w].set()
+                    mine[i].set()
                     go.wait(60)
                     results[i] = (w, first + b"".join(it))
             except BaseException as e:  # noqa: BLE001 - reported below
@@ -170,11 +172,15 @@ def test_sigterm_drains_streams_on_every_worker(tmp_path: Path) -> None:
         threads: list[threading.Thread] = []
         while not all(e.is_set() for e in started.values()):  # streams in flight on both workers
             assert len(threads) < 40 and not errors, errors
+            mine.append(threading.Event())
             t = threading.Thread(target=client, args=(len(threads),))
             t.start()
             threads.append(t)
             for e in started.values():
                 e.wait(0.5)
+        for e in mine:  # every client's stream in flight (none still connecting) before the signal
+            assert e.wait(30) or errors, "a stream did not start"
+        assert not errors, errors
         proc.send_signal(signal.SIGTERM)
         go.set()
         for t in threads:
