@@ -45,7 +45,12 @@ def semantic_html(r: dict[str, Any]) -> str:
     items = []
     for c in clusters:
         answers = c.get("answers")
-        shown = " | ".join(escape(a) for a in answers) if answers else '<span class="muted">(text not stored)</span>'
+        if answers is None:
+            shown = '<span class="muted">(text not stored)</span>'
+        elif not answers:
+            shown = '<span class="muted">no sample means this</span>'
+        else:
+            shown = " | ".join(escape(a) for a in answers)
         mark = " ← the client's answer" if c.get("original") else ""
         items.append(f'<li class="cluster" data-size="{int(c.get("size", 0))}">'
                      f'{int(c.get("size", 0))} sample(s), p={float(c.get("probability", 0.0)):.3f}{mark}: {shown}</li>')
