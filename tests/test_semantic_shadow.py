@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -162,11 +163,16 @@ def test_real_vllm_shadow_sample(vllm_server: str, tmp_path: Path) -> None:
     app = create_app(settings)
     with serve_in_thread(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0, timeout=120)
-        ids = []
-        for _ in range(3):
+
+        def ask(_: int) -> str:
             raw = client.chat.completions.with_raw_response.create(
                 model="smollm2", messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=0.0)
-            ids.append(raw.headers["x-entropy-request-id"])
+            return str(raw.headers["x-entropy-request-id"])
+
+        # Three at once: the first shadow request reserves its worst case (4 x 16 tokens + the prompt's bound,
+        # about 220) while in flight, so the two that follow cannot fit in 400 beside it and are refused.
+        with ThreadPoolExecutor(3) as pool:
+            ids = list(pool.map(ask, range(3)))
         with httpx.Client(base_url=url, timeout=30) as http:
             deadline = time.monotonic() + 240  # the first result loads the embedding model (seconds)
             while True:
