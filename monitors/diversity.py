@@ -24,6 +24,7 @@ import json
 import re
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
+from operator import add
 from typing import Any
 
 CHRF_ORDER = 6
@@ -35,9 +36,30 @@ _WS = re.compile(r"\s+")
 NGrams = list[Counter[str]]
 
 
+class _Grams(list):  # type: ignore[type-arg]
+    """``char_ngrams``' result: the per-order counters, and how many n-grams each order holds (their counts' sum,
+    which chrF needs for every pair)."""
+
+    __slots__ = ("totals",)
+    totals: list[int]
+
+
 def char_ngrams(text: str, order: int = CHRF_ORDER) -> NGrams:
     s = _WS.sub("", text)
-    return [Counter(s[i : i + n] for i in range(len(s) - n + 1)) for n in range(1, order + 1)]
+    grams: list[str] = list(s)
+    out = _Grams()
+    out.totals = []
+    for n in range(1, order + 1):
+        if n > 1:  # the n-grams are the (n-1)-grams, each extended by the next character: joined in C
+            grams = list(map(add, grams, s[n - 1 :]))
+        out.append(Counter(grams))
+        out.totals.append(len(grams))
+    return out
+
+
+def _totals(g: NGrams) -> list[int]:
+    t: list[int] | None = getattr(g, "totals", None)
+    return t if t is not None else [sum(c.values()) for c in g]
 
 
 def chrf_pair(a: NGrams, b: NGrams, beta: float = CHRF_BETA) -> tuple[float, float]:
@@ -45,8 +67,7 @@ def chrf_pair(a: NGrams, b: NGrams, beta: float = CHRF_BETA) -> tuple[float, flo
     b2 = beta * beta
     fab = fba = 0.0
     orders = 0
-    for ca, cb in zip(a, b, strict=True):
-        na, nb = sum(ca.values()), sum(cb.values())
+    for ca, cb, na, nb in zip(a, b, _totals(a), _totals(b), strict=True):
         if na == 0 or nb == 0:
             continue
         orders += 1

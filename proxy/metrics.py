@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import monitoring as monitoring_mod
@@ -125,7 +125,9 @@ class _MonitorCollector(Collector):
         fams: list[Metric] = [m.token_hist.family() if with_samples else HistogramMetricFamily(
             f"{NS}_token_entropy_nats", "Per-token entropy (nats) of generated tokens.",
             labels=["model", "token_class"])]
-        fams += [drift, collapse, diversity, recog, calib, state, ceiling]
+        skipped = CounterMetricFamily(f"{NS}_monitor_text_skipped", "Responses left out of the text monitors "
+                                      "(formats, diversity, grams) by monitors.text_work_share.", labels=["model"])
+        fams += [drift, collapse, diversity, recog, calib, state, ceiling, skipped]
         fams += baseline_export.families(m.monitoring, with_samples)  # baselines, fixed-threshold forking counts
         if not with_samples:
             return fams
@@ -144,6 +146,8 @@ class _MonitorCollector(Collector):
             fit = mm.fit.fit()
             if fit is not None:
                 ceiling.add_metric([label], fit.ceiling)
+        for label, n in list(getattr(mon, "skipped", {}).items()):
+            skipped.add_metric([label], n)
         for label, v in list(m.recognition.items()):
             recog.add_metric([label], v)
         for (label, measure), v in list(m.calibration.items()):

@@ -3,7 +3,8 @@
 Two paths:
 - the request path (:meth:`Monitoring.observe`, called by the ObserverHub): numpy-only updates that cost a few
   tens of microseconds per response - the rolling quantile, forking statistics, drift histograms, CUSUMs;
-- a background thread (bounded queue of ``QUEUE_SIZE`` jobs; when full, jobs are dropped and counted): the text
+- a background thread (bounded queue of ``QUEUE_SIZE`` jobs; when full, jobs are dropped and counted; at most
+  ``monitors.text_work_share`` of a core, beyond which jobs are skipped and counted: proxy.hotpath.textbudget): the text
   work - format classification, distinct-2, chrF groups, strategic-gram matching and the planning/execution
   split of token entropy, whose results reach :attr:`Monitoring.token_class_sinks` (the Prometheus histograms).
   The worker publishes its readings as one dict per model (replaced whole), so readers never see a half update.
@@ -47,6 +48,7 @@ from monitors.recognition import Diagnosis, Evidence, diagnose
 
 from .baselines import live as baseline_live
 from .baselines.model import Baseline
+from .hotpath.textbudget import TextBudget
 from .observe import Observation
 from .settings import Settings, SettingsError
 
@@ -185,6 +187,9 @@ class Monitoring:
         self._q: queue.Queue[tuple[str, str, Any, str | None, list[str], np.ndarray]] = queue.Queue(QUEUE_SIZE)
         self.dropped = 0
         self.processed = 0
+        # The text work's CPU cap (monitors.text_work_share; None: no cap) and the jobs it skipped, per label.
+        self.text_budget = TextBudget(m.text_work_share) if m.text_work_share > 0 else None
+        self.skipped: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Set by proxy.baselines when it runs: the revision lookup, and where finished warm-ups go (None: used here).
@@ -264,10 +269,20 @@ class Monitoring:
                 job = self._q.get(timeout=0.2)
             except queue.Empty:
                 continue
+            budget = self.text_budget
+            if budget is not None and not budget.allow():
+                self.skipped[job[0]] = self.skipped.get(job[0], 0) + 1
+                continue
+            t0 = time.thread_time()
             try:
                 self._process(job)
             except Exception:  # noqa: BLE001 - one bad response must not stop the monitors
                 log.exception("monitor text work failed")
+            if budget is not None:
+                budget.charge(time.thread_time() - t0)
+
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Monitoring]:
@@ -339,7 +354,8 @@ class Monitoring:
             }
         out: dict[str, Any] = {
             "models": models,
-            "worker": {"queued": self._q.qsize(), "dropped": self.dropped, "processed": self.processed},
+            "worker": {"queued": self._q.qsize(), "dropped": self.dropped, "processed": self.processed,
+                       "skipped": self.skipped_total()},
         }
         for name, section in list(self.status_sections.items()):
             out[name] = section()

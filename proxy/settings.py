@@ -70,6 +70,8 @@ class MonitorSettings(_Section):
     baseline_store: bool = Field(True, description="keep baselines in the audit store (audit.url) when audit is on")
     evidence_tokens: int = Field(2_000, ge=1, description="tokens in the window before a state other than unknown")
     evidence_responses: int = Field(20, ge=1, description="responses in the window before a state other than unknown")
+    text_work_share: float = Field(0.05, ge=0, le=1, description="CPU share of one core the monitors' text work may "
+                                   "use; responses beyond it skip the text monitors (counted); 0: no cap")
 
 
 class ProbeSettings(_Section):

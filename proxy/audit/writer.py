@@ -170,6 +170,11 @@ class AuditWriter:
         self.retention_days = retention_days
         self.retention_interval_s = retention_interval_s
         self.flush_interval_s = flush_interval_s
+        # Batching window: a record waits up to this long for others to share its transaction (a transaction a
+        # response costs the loop ~1 ms of SQLAlchemy and driver work); 0 writes at once. flush()/stop() skip it.
+        self.linger_s = flush_interval_s
+        self._lingering = False
+        self._flush_target = 0
         self.write_timeout_s = write_timeout_s
         self.shutdown_timeout_s = shutdown_timeout_s
         self.start_timeout_s = start_timeout_s
@@ -234,7 +239,8 @@ class AuditWriter:
         self._submitted += 1
         if not isinstance(item, _ProbeRow):
             self._pending[item.request_id] += 1
-        self._notify()
+        if not self._lingering or len(self._queue) >= self.batch_size:  # a lingering writer wakes on its own
+            self._notify()
         return True
 
     def _notify(self) -> None:
@@ -271,6 +277,7 @@ class AuditWriter:
         if self._progress is None or not self._tasks:
             return not self._queue
         target = self._submitted
+        self._flush_target = max(self._flush_target, target)
         self._notify()
         try:
             await asyncio.wait_for(self._settled_to(target), timeout)
@@ -328,6 +335,8 @@ class AuditWriter:
                     continue
             if not self._queue:
                 continue
+            if self.linger_s > 0:
+                await self._linger()
             batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
             try:
                 ok = await self._write(batch)
@@ -346,6 +355,25 @@ class AuditWriter:
                 # Let the store recover; meanwhile the queue bounds memory and counts what it cannot hold.
                 backoff = min(5.0, backoff * 2 or 0.1)
                 await asyncio.sleep(backoff)
+
+    async def _linger(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.linger_s
+        self._lingering = True
+        try:
+            while (len(self._queue) < self.batch_size and not self._closing
+                   and self._settled >= self._flush_target):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), remaining)
+                except TimeoutError:
+                    return
+        finally:
+            self._lingering = False
 
     async def _write(self, batch: list[Observation | _ProbeRow]) -> bool:
         rows: list[dict[str, Any]] = []
