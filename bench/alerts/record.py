@@ -65,8 +65,18 @@ def _enumeration_for(prompt: str) -> str:
     return ENUMERATIONS[flat.index(prompt) % len(ENUMERATIONS)] if prompt in flat else ENUMERATIONS[0]
 
 
+# Format collapse, replayed: SmolLM2-135M does not follow TEMPLATE_SYSTEM (its answers keep the mix of formats
+# of the plain prompts), so the replay answers this variant's requests only with recorded temperature-1 answers
+# that are fenced code blocks: a policy that answers everything in one format. Not recorded separately.
+ONE_FORMAT = "one_format"
+ONE_FORMAT_PREFIX = "Answer with a code block only. "
+
+
 def request_body(model: str, variant: str, prompt: str) -> dict[str, Any]:
     """The chat request a client sends for ``prompt`` in ``variant`` (the replay looks answers up by it)."""
+    if variant == ONE_FORMAT:
+        return {"model": model, "messages": [{"role": "user", "content": ONE_FORMAT_PREFIX + prompt}],
+                "temperature": 1.0, "max_tokens": MAX_TOKENS}
     temperature, system, _ = VARIANTS[variant]
     if variant == "repeat":
         prompt = _enumeration_for(prompt)

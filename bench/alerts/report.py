@@ -101,7 +101,7 @@ def table(results: list[dict[str, Any]], header: str) -> str:
         res = ", ".join("still firing" if v is None else f"{v:g} min" for v in (r.get("resolve_min") or {}).values())
         raised = _names(r["raised"])
         if r["also_raised"]:
-            raised += f" (also during the fault: {_names(r['also_raised'])})"
+            raised += f" (also, during or after the fault: {_names(r['also_raised'])})"
         rows.append(f"| {r['scenario']}: {r['title']} | {r['simulated_h']:g} h | {_names(r['expected'])} | "
                     f"{raised} | {len(r['false_pages'])} | {fire} | {held} | {res or '-'} | "
                     f"{'ok' if r['ok'] else 'FAIL'} |")

@@ -17,8 +17,9 @@ from typing import Any
 import orjson
 
 from bench._http import HttpServer, Reply
+from monitors.formats import classify_format
 
-from .record import VARIANTS, request_body
+from .record import ONE_FORMAT, VARIANTS, request_body
 
 JSON = b"application/json"
 PLACEHOLDER = b"chatcmpl-" + b"0" * 16
@@ -38,6 +39,14 @@ class RecordedUpstream:
             variant, _cls, prompt = key.split("|", 2)
             req = request_body(model, variant, prompt)
             self.bodies[_key(req["messages"], req["temperature"])] = [self._render(a, table) for a in answers]
+        # The one-format variant: every prompt answered from the pool of recorded temperature-1 code blocks.
+        pool = [self._render(a, table) for key, answers in recording["answers"].items()
+                if VARIANTS[key.split("|", 1)[0]][0] == 1.0 for a in answers
+                if classify_format(a["text"], a["finish"]) == "code"]
+        for prompts in recording["prompts"].values():
+            for prompt in prompts:
+                req = request_body(model, ONE_FORMAT, prompt)
+                self.bodies[_key(req["messages"], req["temperature"])] = pool
         self._turn: dict[str, itertools.cycle[bytes]] = {k: itertools.cycle(v) for k, v in self.bodies.items()}
         self._ids = itertools.count(1)
         self.served = 0
