@@ -268,7 +268,8 @@ async def test_semantic_entropy_results_become_evaluations_in_the_trace(recorded
         r = await c.post("/v1/chat/completions", json=CHAT)
         rid = r.json()["id"]
         [sink] = c.app.state.semantic.sinks  # otel hooked itself onto the semantic part
-        result = SimpleNamespace(entropy=0.9, discrete=0.67, samples=5, clusters=[{}, {}])
+        high = c.app.state.settings.semantic.uncertain_nats + 0.3  # above the flag's cut-off, whatever its default
+        result = SimpleNamespace(entropy=high, discrete=0.67, samples=5, clusters=[{}, {}])
         sink(SimpleNamespace(request_id=rid, choice_index=0, flags=frozenset({"confident"})), result)
         sink(SimpleNamespace(request_id=rid, choice_index=0, flags=frozenset()),
              SimpleNamespace(entropy=0.1, discrete=0.0, samples=5, clusters=[{}]))
@@ -277,7 +278,7 @@ async def test_semantic_entropy_results_become_evaluations_in_the_trace(recorded
     evs = [evaluations(s)[0] for s in spans if s["name"] == "evaluation semantic_entropy"]
     assert all(s["parent_span_id"] == req["span_id"] for s in spans if s is not req)
     assert [(e["gen_ai.evaluation.score.value"], e["gen_ai.evaluation.score.label"]) for e in evs] == [
-        (0.9, "confident_inconsistent"), (0.1, "consistent")]  # semantic.uncertain_nats: 0.6 by default
+        (pytest.approx(high), "confident_inconsistent"), (0.1, "consistent")]
     assert evs[0]["entropy_proxy.semantic.clusters"] == 2 and evs[0]["entropy_proxy.choice.index"] == 0
 
 

@@ -178,6 +178,11 @@ def test_probe_at_full_rate_does_not_hold_client_responses(vllm_server: str, vll
             for q, _ in QA[1:3]:  # answered in full while the probe's call is held
                 r = _chat(c, vllm_model, q, max_tokens=8, temperature=0)
                 assert r.json()["choices"][0]["entropy"]["tokens"] > 0
+            # Observers run once a body is sent, so the last job may be queued just after the client has its
+            # answer: wait for it (nothing can be scored meanwhile, the first call is still held).
+            deadline = time.monotonic() + 60
+            while probe.pending < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert not release.is_set() and probe.counts["scored"] == 0 and probe.pending == 3
         finally:
             release.set()
