@@ -11,11 +11,14 @@ machine's load shifts both alike:
 - ``all-on``: every observer as configured (the defaults, or what the flags below set);
 - ``uncapped``: the monitors' text work without its share cap (``monitors.text_work_share: 0``);
 - ``no-linger``: the audit writer writes as soon as a record is queued (no batching window);
-- ``before``: both of the above (the observers as they were before issue 14's second step);
-- ``no-observers``: metrics, monitors and audit observers unhooked (the annotation alone).
+- ``no-rows``: stream chunks estimated through ``estimate_positions``' arrays (not ``estimate_rows``);
+- ``no-observers``: metrics, monitors and audit observers unhooked (the annotation alone);
+- ``before``: ``uncapped+no-linger+no-rows`` (the proxy as it was before issue 14's second step). Modifiers
+  combine with ``+``, e.g. ``no-observers+no-rows``.
 
     python -m bench.observer_cost --rounds 6 --requests 160
     python -m bench.observer_cost --variants before,all-on --prompts distinct
+    python -m bench.observer_cost --variants no-observers,no-observers+no-rows --pace-ms 0
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ import orjson
 
 from bench.profile_hotpath import _call, _Stream
 from bench.replay_upstream import Replayer
+from proxy import annotate
 
-VARIANTS = ("before", "uncapped", "no-linger", "all-on", "no-observers")
+MODIFIERS = ("uncapped", "no-linger", "no-rows", "no-observers")
+ALIASES = {"all-on": "", "before": "uncapped+no-linger+no-rows"}
 
 
 def _paced_transport(rep: Replayer, pace_s: float) -> httpx.MockTransport:
@@ -64,11 +69,29 @@ class _Switch:
         self.observers = list(self.hub.observers)
         self.budget = self.mon.text_budget
         self.linger = self.writer.linger_s
+        self.rows = annotate.estimate_rows
 
     def set(self, variant: str) -> None:
-        self.hub.observers[:] = [] if variant == "no-observers" else self.observers
-        self.mon.text_budget = None if variant in ("uncapped", "before") else self.budget
-        self.writer.linger_s = 0.0 if variant in ("no-linger", "before") else self.linger
+        mods = _modifiers(variant)
+        self.hub.observers[:] = [] if "no-observers" in mods else self.observers
+        self.mon.text_budget = None if "uncapped" in mods else self.budget
+        if self.budget is not None:  # every phase starts with a full bucket, whatever ran before
+            self.budget.credit, self.budget._last = self.budget.capacity, self.budget.clock()
+        self.writer.linger_s = 0.0 if "no-linger" in mods else self.linger
+        annotate.estimate_rows = _no_rows if "no-rows" in mods else self.rows  # type: ignore[assignment]
+
+
+def _modifiers(variant: str) -> set[str]:
+    mods = {m for part in variant.split("+") for m in ALIASES.get(part, part).split("+") if m}
+    bad = mods - set(MODIFIERS)
+    if bad:
+        raise SystemExit(f"unknown variant part {sorted(bad)}; use {', '.join(MODIFIERS)} joined by '+', "
+                         f"or {', '.join(ALIASES)}")
+    return mods
+
+
+def _no_rows(*_: Any) -> None:
+    return None
 
 
 async def _drain(app: Any) -> None:
@@ -98,8 +121,7 @@ async def run(args: argparse.Namespace) -> str:
 
     variants = args.variants.split(",")
     for v in variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"unknown variant {v!r}; one of {', '.join(VARIANTS)}")
+        _modifiers(v)
     rep = Replayer(tokens=args.tokens)
     wd = tempfile.mkdtemp(prefix="observer-cost-")
     extra: dict[str, Any] = {}

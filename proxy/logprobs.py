@@ -39,6 +39,7 @@ class Positions:
     alternatives: list[list[tuple[str, float]]] = field(default_factory=list)
     skipped: int = 0  # positions without usable logprobs
     impossible: int = 0  # positions with a positive logprob (logits, not logprobs)
+    rows: list[list[float]] | None = None  # ``logprobs`` as Python floats when built from them (typed fast path)
 
     @property
     def count(self) -> int:
@@ -118,7 +119,7 @@ def chat_positions_typed(content: list[Any]) -> Positions | None:
     alts = [[(e.token, e.logprob) for e in t[:N_ALTERNATIVES]] for t in tops]
     impossible = sum(1 for r in rows if max(r) > 1e-6)
     return Positions(np.array(rows, dtype=np.float64), np.array([p.logprob for p in content], dtype=np.float64),
-                     np.zeros(len(tokens), dtype=np.int64), None, tokens, alts, 0, impossible)
+                     np.zeros(len(tokens), dtype=np.int64), None, tokens, alts, 0, impossible, rows)
 
 
 def chat_positions(content: list[Any] | None) -> Positions:

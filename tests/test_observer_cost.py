@@ -152,3 +152,29 @@ async def test_audit_without_window_writes_at_once(tmp_path: Path) -> None:
         assert store.batches == [1]
     finally:
         await w.stop()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_estimate_rows_is_estimate_positions_to_the_bit(seed: int) -> None:
+    """The stream chunk's scalar shortcut gives exactly the numbers of the estimator's public entry point."""
+    from monitors.entropy import estimate_positions, estimate_rows
+
+    rng = np.random.default_rng(seed)
+    for _ in range(300):
+        t, w = int(rng.integers(1, 5)), int(rng.integers(1, 25))
+        lp = np.sort(np.log(rng.dirichlet(np.full(w + 3, 0.3)))[:w])[::-1].reshape(1, w).repeat(t, 0)
+        lp = lp + rng.normal(0, 0.01, lp.shape) * (rng.random() < 0.5)
+        lp[rng.random(lp.shape) < 0.05] = -9999.0  # vLLM's probability-0 sentinel
+        if rng.random() < 0.1:
+            lp[0, 0] = 0.3  # a positive (logit-like) value: the general rules
+        rows = lp.tolist()
+        cols = [int(c) for c in rng.integers(0, w, t)]
+        v = int(rng.choice([32, 49152, 151936]))
+        got = estimate_rows(rows, v, cols)
+        ref = estimate_positions(lp, v, sampled_col=np.array(cols))
+        assert got is not None
+        for g, r in zip(got, (ref.point, ref.lower, ref.upper, ref.tail_mass), strict=True):
+            assert np.array_equal(np.array(g), r, equal_nan=True)
+    assert estimate_rows([[-0.1] * 65], 100, [0]) is None  # wider than the scalar path takes
+    assert estimate_rows([[-0.1] * 3] * 17, 100, [0] * 17) is None
+    assert estimate_rows([[-0.1, -2.0], [-0.1]], 100, [0, 0]) is None
