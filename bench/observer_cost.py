@@ -12,7 +12,8 @@ machine's load shifts both alike:
 - ``uncapped``: the monitors' text work without its share cap (``monitors.text_work_share: 0``);
 - ``no-linger``: the audit writer writes as soon as a record is queued (no batching window);
 - ``no-rows``: stream chunks estimated through ``estimate_positions``' arrays (not ``estimate_rows``);
-- ``no-observers``: metrics, monitors and audit observers unhooked (the annotation alone);
+- ``no-observers``: metrics, monitors and audit observers unhooked (the annotation alone); ``no-monitors``,
+  ``no-metrics``, ``no-audit``: that one unhooked;
 - ``before``: ``uncapped+no-linger+no-rows`` (the proxy as it was before issue 14's second step). Modifiers
   combine with ``+``, e.g. ``no-observers+no-rows``.
 
@@ -39,7 +40,8 @@ from bench.profile_hotpath import _call, _Stream
 from bench.replay_upstream import Replayer
 from proxy import annotate
 
-MODIFIERS = ("uncapped", "no-linger", "no-rows", "no-observers")
+MODIFIERS = ("uncapped", "no-linger", "no-rows", "no-observers", "no-monitors", "no-metrics", "no-audit")
+_OBSERVER = {"no-monitors": "Monitoring", "no-metrics": "Metrics", "no-audit": "AuditWriter"}
 ALIASES = {"all-on": "", "before": "uncapped+no-linger+no-rows"}
 
 
@@ -73,7 +75,9 @@ class _Switch:
 
     def set(self, variant: str) -> None:
         mods = _modifiers(variant)
-        self.hub.observers[:] = [] if "no-observers" in mods else self.observers
+        gone = {_OBSERVER[m] for m in mods if m in _OBSERVER}
+        self.hub.observers[:] = [] if "no-observers" in mods else [
+            o for o in self.observers if type(o).__name__ not in gone]
         self.mon.text_budget = None if "uncapped" in mods else self.budget
         if self.budget is not None:  # every phase starts with a full bucket, whatever ran before
             self.budget.credit, self.budget._last = self.budget.capacity, self.budget.clock()

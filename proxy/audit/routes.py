@@ -206,6 +206,7 @@ def make_router(writer: AuditWriter, access: Access, window: int = 2000) -> APIR
         except BadRequest as err:
             return error_response(err)
         filters = Filters(model=qp.get("model") or None, flag=flag, label=label, limit=limit)
+        await writer.flush(PENDING_WAIT_S)  # responses still in the writer's batching window show too
         try:
             report = await build_report(store, filters, window=window, states=_states(request))
         except Exception as e:  # noqa: BLE001
