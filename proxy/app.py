@@ -121,7 +121,7 @@ def create_app(
 
     app = FastAPI(
         title="entropy-proxy",
-        version="0.1.0",
+        version="0.2.0",
         description="OpenAI-compatible proxy for vLLM that annotates every response with per-token entropy.",
         lifespan=lifespan,
         docs_url=None,
