@@ -128,7 +128,6 @@ def test_baseline_snapshot_round_trip(tmp_path) -> None:  # type: ignore[no-unty
 def test_fixed_threshold_and_feedback_fit() -> None:
     mon = _mon(**{"thresholds.forking": 0.5})
     assert mon.current_forking_threshold("m") == 0.5
-    rng = np.random.default_rng(3)
     mon2 = _mon()
     assert mon2.current_forking_threshold("anything") == 0.672
     for i, h in enumerate(np.repeat(np.linspace(0.1, 1.5, 5), 50)):  # 5 windows of 50 labels

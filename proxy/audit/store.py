@@ -4,8 +4,8 @@
 ``postgresql://user:pw@host/db`` and the socket form ``postgresql://postgres:@/postgres?host=/dir`` run on asyncpg.
 A new store gets the whole schema on start; an older one is brought forward by the steps in ``MIGRATIONS`` (its
 version lives in the ``schema_version`` table; on PostgreSQL an advisory lock keeps concurrently starting replicas
-from racing). Version 2 added ``audit_probe_results``: the recognition probe's re-scoring of sampled responses; version 3
-the second version's baselines, canary rounds and semantic-entropy columns.
+from racing). Version 2 added ``audit_probe_results``: the recognition probe's re-scoring of sampled responses;
+version 3 the second version's baselines, canary rounds and semantic-entropy columns.
 
 Rows hold numbers and, only when the writer was told to (``audit.store_text``), text. The store itself never sees
 request headers, so no ``Authorization`` value or API key can reach it.
