@@ -29,6 +29,7 @@ from typing import Any
 
 CHRF_ORDER = 6
 CHRF_BETA = 2.0
+DISTINCT_WINDOW = 200  # responses behind distinct-2 (a fixed count: the value depends on it)
 CLUSTER_SIMILARITY = 60.0
 _WORD = re.compile(r"\w+|[^\w\s]")
 _WS = re.compile(r"\s+")
@@ -147,7 +148,7 @@ class Diversity:
     def __init__(
         self,
         window: int = 2_000,
-        distinct_window: int = 200,
+        distinct_window: int = DISTINCT_WINDOW,
         max_groups: int = 256,
         group_size: int = 6,
         max_chars: int = 1_000,
@@ -167,13 +168,21 @@ class Diversity:
         self._bigram_ring.append(c)
         self._bigrams.update(c)
         self._bigram_total += sum(c.values())
-        if len(self._bigram_ring) > self.distinct_window:
+        self._trim_bigrams()
+
+    def _trim_bigrams(self) -> None:
+        while len(self._bigram_ring) > self.distinct_window:
             old = self._bigram_ring.popleft()
             self._bigrams.subtract(old)
             self._bigram_total -= sum(old.values())
             for g in old:
                 if self._bigrams[g] <= 0:
                     del self._bigrams[g]
+
+    def set_distinct_window(self, n: int) -> None:
+        """Measure distinct-2 over ``n`` responses from now on (to match a baseline measured over ``n``)."""
+        self.distinct_window = max(1, int(n))
+        self._trim_bigrams()
 
     def distinct_2(self) -> float | None:
         return len(self._bigrams) / self._bigram_total if self._bigram_total else None

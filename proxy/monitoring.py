@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from monitors.collapse import CollapseMonitor, PerformanceFit, combine
-from monitors.diversity import Diversity, prompt_key
+from monitors.diversity import DISTINCT_WINDOW, Diversity, prompt_key
 from monitors.drift import DriftMonitor, validate_drift_dict
 from monitors.forking import forking_stats
 from monitors.formats import FormatMix, classify_format
@@ -71,14 +71,14 @@ def _mean(xs: deque[float]) -> float | None:
 class ModelMonitors:
     def __init__(
         self, window: int, baseline_tokens: int, planner: PlanningClassifier, collapse_reference: int = 400,
-        live: baseline_live.LiveBaseline | None = None,
+        live: baseline_live.LiveBaseline | None = None, distinct_window: int = DISTINCT_WINDOW,
     ) -> None:
         # The baseline in use (per revision, from the store), its warm-up and the verdict's evidence gate.
         self.live = live
         self.quantile = RollingQuantile()
         self.drift = DriftMonitor(window=window, baseline_tokens=baseline_tokens)
         self.collapse = CollapseMonitor(min_reference=collapse_reference)
-        self.diversity = Diversity(window=window)
+        self.diversity = Diversity(window=window, distinct_window=distinct_window)
         self.formats = FormatMix(window=window)
         self.grams = SemanticGramWindow(window=window)
         self.planner = planner
@@ -212,7 +212,8 @@ class Monitoring:
             rv = self.revisions
             revision = rv.revision(label) if rv is not None else (self.settings.revision_for(label) or "unknown")
             live = baseline_live.LiveBaseline(label, revision, rv.settled(label) if rv is not None else True, m)
-            mm = self.models[label] = ModelMonitors(m.window, m.baseline, self.planner, m.collapse_reference, live)
+            mm = self.models[label] = ModelMonitors(m.window, m.baseline, self.planner, m.collapse_reference, live,
+                                                    baseline_live.distinct_window(m))
             if label in self.file_baselines:
                 baseline_live.apply(mm, dataclasses.replace(self.file_baselines[label], revision=revision))
         return mm

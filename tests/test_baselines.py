@@ -332,11 +332,11 @@ def test_metric_series_and_labels() -> None:
     out = series(app)
     measures = {lab["measure"] for lab, _ in out["entropy_proxy_baseline"] if lab["model"] == "m"}
     assert measures == {"token_entropy_mean", "token_entropy_p80", "forking_fraction", "response_entropy_mean",
-                        "chrf_distance", "format_entropy"}  # distinct-2 needs 200 responses: not measured here
+                        "distinct_2", "chrf_distance", "format_entropy"}  # distinct-2 over the warm-up's 50
     assert not [lab for lab, _ in out["entropy_proxy_baseline"] if lab["model"] == "n"]  # none yet: absent
     assert out["entropy_proxy_baseline_info"] == [({"model": "m", "revision": "r7", "source": "auto"}, 1.0)]
     samples = {lab["measure"]: v for lab, v in out["entropy_proxy_diversity_samples"] if lab["model"] == "m"}
-    assert samples["format_entropy"] == 60 and samples["distinct_2"] == 60
+    assert samples["format_entropy"] == 60 and samples["distinct_2"] == 50  # its window: the warm-up's responses
     assert samples["chrf_distance"] == 4 * 6  # 4 prompts, groups of 6
     checked = dict((lab["model"], v) for lab, v in out["entropy_proxy_forking_checked_tokens_total"])
     above = dict((lab["model"], v) for lab, v in out["entropy_proxy_forking_tokens_total"])
@@ -411,3 +411,67 @@ async def test_a_replica_restarted_during_a_bad_rollout_compares_with_the_stored
         st = status(b)
         assert st["baseline"]["in_use"]["source"] == "auto"
         assert st["state"] == "collapse", st["diagnosis"]
+
+
+@pytest.mark.parametrize("warmup", [100, 400])
+def test_an_auto_baseline_from_a_realistic_warm_up_holds_every_diversity_measure(warmup: int) -> None:
+    """A warm-up the size the alert-quality benchmark uses (100 responses, the rules' diversity guard) and the
+    default (400): the auto baseline stores distinct-2, chrF distance and format entropy, each over the same
+    responses as the live reading it is compared with, and exports all three as gauges."""
+    from prometheus_client import CollectorRegistry
+
+    from proxy import metrics as metrics_mod
+    from proxy.observe import ObserverHub
+
+    s = load_settings({"upstream": "http://u", "models": {"m": {"revision": "r1"}}, **SMALL,
+                       "monitors.window": 200, "monitors.baseline": 64 * warmup // 2,
+                       "monitors.baseline_responses": warmup}, environ={})
+    app, hub, reg = FastAPI(), ObserverHub(), CollectorRegistry()
+    metrics_mod.install(app, s, hub, reg)
+    app.state.registry = reg
+    rng = np.random.default_rng(11)
+    mm = None
+    for i in range(warmup):
+        fmt = FORMATS[int(rng.choice(5, p=[0.5, 0.2, 0.15, 0.1, 0.05]))]
+        hub.observe(observation(token_entropies(rng, 64), formatted(rng, fmt), prompt=f"question {i % 12}"))
+        app.state.monitoring.process_pending()
+        mm = app.state.monitoring.models["m"]
+        assert i == warmup - 1 or mm.live.baseline is None  # the warm-up ends with its last response
+    assert mm is not None and mm.live.baseline is not None and mm.live.baseline.source == "auto"
+    b = mm.live.baseline
+    assert set(b.diversity) == {"distinct_2", "chrf_distance", "format_entropy"}
+    window = min(warmup, 200)  # distinct-2 over a fixed number of responses: the live reading's window
+    assert b.diversity_samples["distinct_2"] == window
+    assert b.diversity["distinct_2"] == pytest.approx(mm.text["comparable"]["distinct_2"])
+    assert 0.2 < b.diversity["distinct_2"] < 1.0 and 0.0 < b.diversity["chrf_distance"] < 1.0
+    assert b.diversity["format_entropy"] > 0.5
+    out = series(app)
+    gauges = {lab["measure"]: v for lab, v in out["entropy_proxy_baseline"] if lab["model"] == "m"}
+    for m in ("distinct_2", "chrf_distance", "format_entropy"):
+        assert gauges[m] == pytest.approx(b.diversity[m])
+    samples = {lab["measure"]: v for lab, v in out["entropy_proxy_diversity_samples"] if lab["model"] == "m"}
+    assert samples["distinct_2"] == window  # what the rules' samples guard reads is what the baseline holds
+
+
+def test_a_baseline_saved_from_a_short_staging_run_pins_distinct_2_over_its_own_window() -> None:
+    """A staging run's warm-up of 100 responses saves distinct-2; a production replica (warm-up 400) that loads the
+    file measures its live distinct-2 over the same 100 responses, not 200 (distinct-n falls as its window grows,
+    so 200 against 100 would read as a diversity fall)."""
+    rng = np.random.default_rng(12)
+    staging = _mon(**{"monitors.window": 200, "monitors.baseline": 3_200, "monitors.baseline_responses": 100})
+    for i in range(100):
+        fmt = FORMATS[i % 5]
+        staging.observe(observation(token_entropies(rng, 64), formatted(rng, fmt), prompt=f"question {i % 12}"))
+        staging.process_pending()
+    saved = json.loads(json.dumps(staging.baseline_snapshot()))
+    entry = Baseline.from_file_entry("m", "r1", "file", saved["models"]["m"])
+    assert set(entry.diversity) == {"distinct_2", "chrf_distance", "format_entropy"}
+    assert entry.diversity_samples["distinct_2"] == 100
+    prod = _mon(**{"monitors.window": 400, "monitors.baseline_responses": 400})
+    prod.load_baseline(saved)
+    mm = prod.models["m"]
+    assert mm.live.baseline is not None and mm.live.baseline.diversity["distinct_2"] == entry.diversity["distinct_2"]
+    for i in range(150):
+        prod.observe(observation(token_entropies(rng, 64), formatted(rng, FORMATS[i % 5]), prompt=f"q {i % 12}"))
+        prod.process_pending()
+    assert mm.text["samples"]["distinct_2"] == 100 and mm.text["comparable"]["distinct_2"] is not None

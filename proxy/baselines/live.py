@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from monitors.diversity import DISTINCT_WINDOW
+
 from .model import Baseline, BaselineBuilder
 
 if TYPE_CHECKING:
@@ -131,9 +133,23 @@ def apply(mm: ModelMonitors, b: Baseline) -> None:
         mm.drift.load_dict(d)
         mm.drift.source = b.source
     mm.collapse.load_dict(b.collapse_dict())
+    n = b.diversity_samples.get("distinct_2")
+    if b.diversity.get("distinct_2") is not None and n:
+        mm.diversity.set_distinct_window(n)  # a pin from a run with another warm-up: compare like with like
     live.baseline = b
     live.candidate = None
     live.builder = None
+
+
+def distinct_window(settings: MonitorSettings) -> int:
+    """Responses behind distinct-2: 200, or the warm-up's response count when that is smaller.
+
+    Distinct-n falls as its window grows, so a reading is comparable only with one over as many responses, and it
+    is reported as ready only once its window is full. A window longer than the warm-up left every automatic
+    baseline (and every ``baseline save`` of a short staging run) without distinct-2; the live reading and the
+    baseline now use the same window, full when the warm-up ends.
+    """
+    return min(DISTINCT_WINDOW, settings.baseline_responses)
 
 
 def diversity_samples(mm: ModelMonitors) -> dict[str, int]:
