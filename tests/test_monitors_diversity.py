@@ -63,3 +63,19 @@ def test_bounded_groups_and_window() -> None:
     assert len(d._groups) <= 8
     assert all(len(g.seqs) <= 3 for g in d._groups.values())
     assert len(d._bigram_ring) == 20
+
+
+def test_a_shorter_distinct_window_equals_one_measured_over_that_window_from_the_start() -> None:
+    rng = np.random.default_rng(3)
+    texts = [prose(rng) for _ in range(150)]
+    resized, fresh = Diversity(distinct_window=200), Diversity(distinct_window=60)
+    for t in texts:
+        resized.add(t, None)
+        fresh.add(t, None)
+    assert resized.distinct_2() != pytest.approx(fresh.distinct_2())  # distinct-2 depends on its window
+    resized.set_distinct_window(60)
+    assert resized.distinct_ready and resized.distinct_2() == pytest.approx(fresh.distinct_2())
+    for t in texts[:30]:
+        resized.add(t, None)
+        fresh.add(t, None)
+    assert resized.distinct_2() == pytest.approx(fresh.distinct_2())
