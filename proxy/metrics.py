@@ -146,8 +146,11 @@ class _MonitorCollector(Collector):
             fit = mm.fit.fit()
             if fit is not None:
                 ceiling.add_metric([label], fit.ceiling)
-        for label, n in list(getattr(mon, "skipped", {}).items()):
-            skipped.add_metric([label], n)
+        # Every monitored label at 0 from its first response: a counter born with its first skip inside would
+        # never be counted by rate(), and the series set stays the same however the CPU cap bites.
+        skips = dict(getattr(mon, "skipped", {})) if mon is not None else {}
+        for label in sorted(set(skips) | set(mon.models if mon is not None else ())):
+            skipped.add_metric([label], skips.get(label, 0))
         for label, v in list(m.recognition.items()):
             recog.add_metric([label], v)
         for (label, measure), v in list(m.calibration.items()):
