@@ -211,7 +211,7 @@ def test_dockerfile_builds_the_cli_on_the_shared_port() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     for copied in re.findall(r"^COPY (?!--from)(.*) \S+$", text, re.M):
         for source in shlex.split(copied):
-            assert (ROOT / source).exists() or source == "README.md", source  # README is the lead's
+            assert (ROOT / source).exists(), source
             assert source not in ignored, f"{source} is copied but .dockerignore drops it"
 
 
