@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,11 @@ from proxy.settings import load_settings
 from .synthetic import formatted, observation, token_entropies
 
 FORMATS = ("prose", "code", "list", "json", "latex")
+# The text work runs uncapped here (monitors.text_work_share: 0): the baselines need every response's diversity
+# readings, and a loaded machine must not turn them into counted skips (the cap is tested in test_observer_cost).
 SMALL = {"monitors.window": 100, "monitors.baseline": 2_000, "monitors.baseline_responses": 30,
-         "monitors.evidence_tokens": 1_000, "monitors.evidence_responses": 10, "audit.sample_rate": 0.0}
+         "monitors.evidence_tokens": 1_000, "monitors.evidence_responses": 10, "audit.sample_rate": 0.0,
+         "monitors.text_work_share": 0}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -77,7 +81,15 @@ async def feed(app: FastAPI, rng: np.random.Generator, n: int, scale: float = 1.
         h = token_entropies(rng, 64, scale)
         p = f"prompt {int(rng.integers(0, 8))}"
         app.state.hub.observe(observation(h, formatted(rng, FORMATS[int(rng.integers(0, 5))]), prompt=p))
-    while mon.processed + mon.dropped < want:  # the worker's text work: waited for, not timed
+    await text_work_done(mon, want)
+
+
+async def text_work_done(mon: Any, want: int) -> None:
+    """Wait for the worker's text work (an event, not a clock); every job ends processed, dropped or skipped, so
+    the bound only turns a lost job into a failure instead of a hang."""
+    deadline = time.monotonic() + 120
+    while mon.processed + mon.dropped + mon.skipped_total() < want:
+        assert time.monotonic() < deadline, "text jobs went missing"
         await asyncio.sleep(0.005)
 
 
@@ -406,8 +418,7 @@ async def test_a_replica_restarted_during_a_bad_rollout_compares_with_the_stored
         for _ in range(120):  # collapsed: entropy at 40 %, one answer to everything
             h = token_entropies(rng, 64, 0.4)
             b.state.hub.observe(observation(h, "The answer is fixed.", prompt=f"prompt {int(rng.integers(0, 8))}"))
-        while mon.processed + mon.dropped < 120:
-            await asyncio.sleep(0.005)
+        await text_work_done(mon, 120)
         st = status(b)
         assert st["baseline"]["in_use"]["source"] == "auto"
         assert st["state"] == "collapse", st["diagnosis"]
