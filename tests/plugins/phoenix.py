@@ -19,19 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
+from tests.plugins.ci_guard import unavailable
 from tests.plugins.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 PHOENIX = Path(os.environ.get("PHOENIX_VENV", ROOT / ".venv-phoenix")) / "bin" / "phoenix"
 START_TIMEOUT_S = 240.0  # about 40 s on a 2-core machine; more while other tiers load it
-
-
-def unavailable(message: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 @contextlib.contextmanager

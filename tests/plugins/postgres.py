@@ -10,7 +10,6 @@ Enable with ``pytest_plugins = ["tests.plugins.postgres"]`` in the root conftest
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import uuid
@@ -21,15 +20,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from tests.plugins.ci_guard import unavailable
 
 
 def _unavailable(msg: str) -> None:
-    if _in_ci():
-        pytest.fail(f"PostgreSQL unavailable under CI=true: {msg}", pytrace=False)
-    pytest.skip(f"PostgreSQL unavailable: {msg}")
+    unavailable(f"PostgreSQL unavailable: {msg}")
 
 
 @pytest.fixture(scope="session")
