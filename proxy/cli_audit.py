@@ -64,17 +64,24 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_run(args, url))
 
 
+async def start_or_report(store: AuditStore) -> bool:
+    """Open the store for a CLI command; on failure print one line (not a traceback), close it, return False."""
+    try:
+        await store.start()
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback
+        print(f"entropy-proxy: cannot open audit store: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        await store.close()
+        return False
+    return True
+
+
 async def _run(args: argparse.Namespace, url: str) -> int:
     try:
         store = AuditStore(url)
     except StoreError as e:
         print(f"entropy-proxy: {e}", file=sys.stderr)
         return 1
-    try:
-        await store.start()
-    except Exception as e:  # noqa: BLE001 - one line, not a traceback
-        print(f"entropy-proxy: cannot open audit store: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
-        await store.close()
+    if not await start_or_report(store):
         return 1
     try:
         cmd = args.audit_cmd

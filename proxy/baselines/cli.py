@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.audit.store import AuditStore, StoreError
+from proxy.cli_audit import start_or_report
 from proxy.settings import SettingsError, load_settings
 
 from .model import Baseline
@@ -54,11 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, store: AuditStore) -> int:
-    try:
-        await store.start()
-    except Exception as e:  # noqa: BLE001 - one line, not a traceback
-        print(f"entropy-proxy: cannot open the store: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
-        await store.close()
+    if not await start_or_report(store):
         return 1
     try:
         bs = BaselineStore(store)
