@@ -47,6 +47,7 @@ from .errors import (
     sse_error_event,
 )
 from .hotpath import annotate_body_bytes, annotate_chunk_bytes
+from .hotpath.h1 import H1Response
 from .observe import ObserverHub, RequestEvent
 from .rewrite import ClientAsk, dumps, force_logprobs, parse_request, upstream_k
 from .sse import SSEDecoder, SSEEvent
@@ -227,7 +228,7 @@ class ProxyService:
         for attempt in (0, 1):
             t = perf_counter()
             try:
-                resp = await self.upstream.client.post(path, content=dumps(send), headers=headers)
+                resp = await self.upstream.post(path, dumps(send), headers)
             except httpx.HTTPError as e:
                 raise map_exception(e) from None
             finally:
@@ -285,13 +286,11 @@ class ProxyService:
     async def _stream(self, body: dict[str, Any], headers: dict[str, str], call: _Call) -> Response:
         path = PATHS[call.ask.endpoint]
         send = self._upstream_body(body, call)
-        client = self.upstream.client
         for attempt in (0, 1):
             t = perf_counter()
-            resp: httpx.Response | None = None
+            resp: httpx.Response | H1Response | None = None
             try:
-                resp = await client.send(client.build_request("POST", path, content=dumps(send), headers=headers),
-                                         stream=True)
+                resp = await self.upstream.open_stream(path, dumps(send), headers)
                 if resp.status_code != 200:
                     content = await resp.aread()
                     await resp.aclose()
@@ -314,7 +313,10 @@ class ProxyService:
                 raise
             finally:
                 call.upstream_s += perf_counter() - t
-            first = _safe_json(head[-1].data) if head and head[-1].data else None
+            # The first data event decides a retry; one upstream write may hold more events after it (vLLM's
+            # refusal of K comes as an error event and [DONE] together).
+            first_data = next((ev.data for ev in head if ev.data is not None), None)
+            first = _safe_json(first_data) if first_data else None
             if attempt == 0 and isinstance(first, dict) and "error" in first and "choices" not in first:
                 retry = self._retry_body(first, body, call)
                 if retry is not None:
@@ -344,8 +346,8 @@ class ProxyService:
         return head, True
 
     async def _relay(
-        self, resp: httpx.Response, chunks: AsyncIterator[bytes], decoder: SSEDecoder, head: list[SSEEvent],
-        eof: bool, ra: ResponseAnnotator, call: _Call,
+        self, resp: httpx.Response | H1Response, chunks: AsyncIterator[bytes], decoder: SSEDecoder,
+        head: list[SSEEvent], eof: bool, ra: ResponseAnnotator, call: _Call,
     ) -> AsyncIterator[bytes]:
         state = {"done": False, "error": False}
         failure: UpstreamError | None = None

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import httpx
 
 from .errors import UpstreamBadResponse, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .hotpath.h1 import H1Response, lean_client_for
 from .settings import Settings
 
 # The limit N in each engine's refusal of too many alternatives (docs/reliability.md, "Other engines"):
@@ -107,6 +108,10 @@ class Upstream:
             transport=transport,
             follow_redirects=False,
         )
+        # The annotated routes' two calls go through the lean HTTP/1.1 client where it applies (plain http://, no
+        # proxy from the environment, no injected transport); everything else through httpx.
+        self.lean = None if transport is not None else lean_client_for(
+            settings.upstream, timeout=settings.timeout_s, connect_timeout=settings.connect_timeout_s)
         # Learnt from the upstream's "greater than max allowed: N", per endpoint: OpenAI allows 20 alternatives
         # on chat but 5 on legacy completions.
         self.max_k: dict[str, int] = {}
@@ -123,5 +128,26 @@ class Upstream:
     def learn_max(self, n: int, endpoint: str = "chat") -> None:
         self.max_k[endpoint] = n
 
+    async def post(self, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response | H1Response:
+        """POST and read the whole answer: ``status_code``, ``headers`` and ``content`` of the result."""
+        if self.lean is None:
+            return await self.client.post(path, content=content, headers=headers)
+        resp = await self.lean.post(path, content, headers)
+        try:
+            await resp.aread()
+        finally:
+            await resp.aclose()
+        return resp
+
+    async def open_stream(self, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response | H1Response:
+        """POST and return once the status and headers are in; the body by ``aiter_raw()`` / ``aread()``, and the
+        caller must ``aclose()`` the result."""
+        if self.lean is None:
+            return await self.client.send(
+                self.client.build_request("POST", path, content=content, headers=headers), stream=True)
+        return await self.lean.post(path, content, headers)
+
     async def aclose(self) -> None:
+        if self.lean is not None:
+            await self.lean.aclose()
         await self.client.aclose()
