@@ -58,6 +58,10 @@ DEFAULT_FORKING = 0.672  # Wang et al.'s 80th percentile, used until the sketch 
 MIN_QUANTILE_TOKENS = 500
 FORKING_QUANTILE = 0.8
 QUEUE_SIZE = 1_000
+# The text work of a response waits until this long after the response was queued: a stream's end is when its
+# client (or the next client) sends the next request, and the text work's C calls (chrF's set intersections) hold
+# the GIL for a millisecond or more, whatever the switch interval. A backlog older than this runs at once.
+TEXT_GRACE_S = 0.01
 PSI_ALERT, JS_ALERT = 0.25, 0.1
 STATES = ("healthy", "recognition", "collapse", "drift", "unknown")
 BASELINE_FORMAT = "entropy-proxy-baseline"
@@ -184,7 +188,8 @@ class Monitoring:
         # Extra top-level sections of status(), e.g. "probe" (name -> callable returning JSON-able data).
         self.status_sections: dict[str, Callable[[], Any]] = {}
         self.token_class_sinks: list[TokenClassSink] = []
-        self._q: queue.Queue[tuple[str, str, Any, str | None, list[str], np.ndarray]] = queue.Queue(QUEUE_SIZE)
+        self._q: queue.Queue[tuple[float, tuple[str, str, Any, str | None, list[str], np.ndarray]]] = queue.Queue(
+            QUEUE_SIZE)
         self.dropped = 0
         self.processed = 0
         # The text work's CPU cap (monitors.text_work_share; None: no cap) and the jobs it skipped, per label.
@@ -238,7 +243,8 @@ class Monitoring:
         thr = float(thr) if isinstance(thr, (int, float)) else self.current_forking_threshold(obs.model)
         self._get(label).observe(h, thr)
         try:
-            self._q.put_nowait((label, obs.completion_text, obs.prompt, obs.finish_reason, obs.tokens, h))
+            self._q.put_nowait(
+                (time.monotonic(), (label, obs.completion_text, obs.prompt, obs.finish_reason, obs.tokens, h)))
         except queue.Full:
             self.dropped += 1
 
@@ -258,7 +264,7 @@ class Monitoring:
         n = 0
         while True:
             try:
-                job = self._q.get_nowait()
+                _, job = self._q.get_nowait()
             except queue.Empty:
                 return n
             self._process(job)
@@ -267,9 +273,12 @@ class Monitoring:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                job = self._q.get(timeout=0.2)
+                queued, job = self._q.get(timeout=0.2)
             except queue.Empty:
                 continue
+            wait = queued + TEXT_GRACE_S - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
             budget = self.text_budget
             if budget is not None and not budget.allow():
                 self.skipped[job[0]] = self.skipped.get(job[0], 0) + 1
