@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from monitors.summary import SummaryThresholds
 
@@ -175,6 +176,15 @@ def create_app(
     async def completions(request: Request) -> Response:
         _check_key(request, settings.api_keys)
         return await app.state.service.handle(request, "completions")
+
+    # The two annotated routes are matched first by plain Starlette routes with the same handlers: FastAPI's route
+    # (dependency solving, body handling) and the scan of the routes before them cost about 0.15 ms a request on
+    # an idle core, and these handlers take the Request and nothing else. The FastAPI routes above stay for the
+    # OpenAPI document; requests never reach them.
+    app.router.routes[0:0] = [
+        Route("/v1/chat/completions", chat, methods=["POST"], include_in_schema=False),
+        Route("/v1/completions", completions, methods=["POST"], include_in_schema=False),
+    ]
 
     @app.get("/healthz", summary="200 while the proxy runs")
     async def healthz() -> dict[str, str]:
