@@ -1,4 +1,5 @@
-"""The fast path of the annotation: decode only what the estimator needs, keep the rest of the body as bytes.
+"""The fast path: decode only what the estimator needs, keep the rest of the body as bytes; read the upstream
+with a lean HTTP/1.1 client (:mod:`proxy.hotpath.h1`); cap the monitors' text work (:mod:`proxy.hotpath.textbudget`).
 
 See :mod:`proxy.hotpath.splice`. Anything it does not recognise returns None and the service takes the careful
 path (parse everything, annotate the objects, serialise them again), which gives the same annotation.
