@@ -14,7 +14,8 @@ tokens a response), each in its own process; the load client asks every path for
 
 Proxy targets besides ``proxy`` (this tree), for before/after figures from one run: ``careful`` (this tree with
 the fast path off), ``before`` (``--before REV``: the proxy at a git revision, extracted with ``git archive``),
-``workers`` (``serve --workers N``, ``--workers``). ``--top-k K`` sets the proxy's K and the clients' request.
+``first`` (``--first REV``: a second, earlier revision), ``workers`` (``serve --workers N``, ``--workers``).
+``--top-k K`` sets the proxy's K and the clients' request.
 
     python -m bench.overhead                       # full run (about 15 minutes with the 600 s soak)
     python -m bench.overhead --quick               # CI smoke: a few seconds a phase, no thresholds
@@ -48,6 +49,7 @@ PROXIES: dict[str, Any] = {
     "proxy": lambda a: {},
     "careful": lambda a: {"env": {"ENTROPY_PROXY_HOTPATH": "off"}},
     "before": lambda a: {"rev": a.before},
+    "first": lambda a: {"rev": a.first},
     "workers": lambda a: {"workers": a.workers},
 }
 
@@ -286,7 +288,7 @@ def report(res: dict[str, Any]) -> str:
                               for n, v in per.items())
             lines.append(f"  {level:>3} streams  {cells}")
             base = per.get("proxy")
-            for other in ("workers", "careful", "before"):
+            for other in ("workers", "careful", "before", "first"):
                 if base and other in per and base["tokens_per_s"]:
                     lines.append(f"        {other} / proxy: {per[other]['tokens_per_s'] / base['tokens_per_s']:.2f}x "
                                  "tokens/s")
@@ -363,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paced-streams", type=int, default=16, help="concurrent paced streams for tokens/CPU-s")
     ap.add_argument("--workers", type=int, default=2, help="N of the 'workers' target (serve --workers N)")
     ap.add_argument("--before", help="also run entropy-proxy at this git revision (target 'before'), same options")
+    ap.add_argument("--first", help="and at a second, earlier revision (target 'first')")
     ap.add_argument("--top-k", type=int, default=20, help="the proxy's K (top_k) and the clients' top_logprobs")
     ap.add_argument("--long-seconds", type=float, default=600.0)
     ap.add_argument("--long-concurrency", type=int, default=16)
@@ -379,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     args.levels = [int(x) for x in (args.levels or "1,16,64,256").split(",")]
     if args.before and "before" not in args.targets:
         args.targets.insert(1, "before")
+    if args.first and "first" not in args.targets:
+        args.targets.insert(1, "first")
     if args.targets[0] != "direct" or not set(args.targets) <= {"direct", "litellm", *PROXIES}:
         ap.error(f"--targets: direct first, then any of {', '.join(PROXIES)}, litellm")
     try:
