@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from fastapi import FastAPI
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.responses import JSONResponse
 
 from proxy.audit import install
@@ -226,3 +229,41 @@ def test_unsampled_memory_is_bounded(sqlite_url: str) -> None:
     assert w._recent_tok == 28
     assert w.promote("u-19") and not w.promote("u-3")
     assert w._recent_tok == 21
+
+
+# -- the row encoding: the vectorised alternatives give what the plain per-token lists give ---------------------
+
+_LOGPROB = st.one_of(
+    st.floats(min_value=-60.0, max_value=0.0), st.just(-9999.0), st.just(0.0), st.just(float("nan")),
+    st.floats(min_value=-1e-9, max_value=0.0), st.floats(min_value=-1e-300, max_value=0.0),
+)
+
+
+def _alternatives_reference(alts: list[list[tuple[str, float]]], store_text: bool) -> tuple[str, str | None]:
+    """The rule written out token by token: probability exp(lp) (0 for vLLM's -9999 and for NaN), 4 decimals."""
+    import math
+
+    import orjson
+
+    def prob(lp: float) -> float:
+        if lp != lp or lp <= -9999.0:
+            return 0.0
+        return float(np.round(math.exp(min(lp, 0.0)), 4))
+
+    probs = orjson.dumps([[prob(lp) for _, lp in a] for a in alts]).decode()
+    tokens = orjson.dumps([[t for t, _ in a] for a in alts]).decode() if store_text else None
+    return probs, tokens
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    width=st.integers(min_value=0, max_value=6),
+    rows=st.lists(st.lists(st.tuples(st.text(max_size=3), _LOGPROB), max_size=6), max_size=40),
+    ragged=st.booleans(),
+    store_text=st.booleans(),
+)
+def test_alternatives_encoding_matches_the_per_token_rule(width, rows, ragged, store_text):
+    from proxy.audit.writer import _alternatives
+
+    alts = rows if ragged else [(r * (width + 1))[:width] if r else [("x", -1.0)] * width for r in rows]
+    assert _alternatives(alts, store_text) == _alternatives_reference(alts, store_text)
