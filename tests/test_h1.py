@@ -67,6 +67,14 @@ def client(port: int, **kw: object) -> H1Client:
     return H1Client("127.0.0.1", port, **opts)  # type: ignore[arg-type]
 
 
+async def fetch(c: H1Client) -> bytes:
+    resp = await c.post("/p", b"", {})
+    try:
+        return await resp.aread()
+    finally:
+        await resp.aclose()
+
+
 def ok(body: bytes, extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s" % (
         len(body), extra, body)
@@ -105,9 +113,7 @@ async def test_keep_alive_connections_are_reused_and_a_stale_one_is_replaced():
     async with Server(handler) as srv:
         c = client(srv.port)
         for _ in range(3):
-            resp = await c.post("/p", b"", {})
-            assert await resp.aread() == b"{}"
-            await resp.aclose()
+            assert await fetch(c) == b"{}"
             await asyncio.sleep(0.05)
         assert srv.connections == 2  # requests 1 and 2 on one, 3 on a new one
         await c.aclose()
@@ -124,9 +130,7 @@ async def test_a_pooled_connection_closed_without_an_answer_is_retried_once_on_a
     async with Server(handler) as srv:
         c = client(srv.port)
         for _ in range(2):
-            resp = await c.post("/p", b"", {})
-            assert await resp.aread() == b"{}"
-            await resp.aclose()
+            assert await fetch(c) == b"{}"
         assert len(srv.requests) == 3 and srv.connections == 2
         await c.aclose()
 

@@ -95,6 +95,40 @@ async def test_worker_without_cap_skips_nothing() -> None:
     assert mon.processed == 20 and mon.skipped_total() == 0
 
 
+
+async def test_text_work_waits_its_grace_after_the_response_and_a_backlog_does_not(monkeypatch) -> None:
+    """A response's text work starts TEXT_GRACE_S after it was queued (its GIL-holding C calls must not land on the
+    next request's first milliseconds); a job already older than that runs at once."""
+    import proxy.monitoring as monitoring
+
+    waits: list[float] = []
+    real_sleep = monitoring.time.sleep
+
+    def sleep(s: float) -> None:
+        waits.append(s)
+        real_sleep(s)
+
+    monkeypatch.setattr(monitoring.time, "sleep", sleep)
+    mon = _mon(**{"monitors.text_work_share": 0})
+    rng = np.random.default_rng(3)
+    obs = [observation(token_entropies(rng), formatted(rng, "prose"), prompt=f"p{i}") for i in range(4)]
+    for o in obs[:2]:  # queued before the worker runs, and then left to age past the grace
+        mon.observe(o)
+    await asyncio.sleep(monitoring.TEXT_GRACE_S * 3)
+    async with mon.running():
+        for _ in range(3_000):
+            if mon.processed == 2:
+                break
+            await asyncio.sleep(0.001)
+        assert waits == []  # the backlog ran at once
+        mon.observe(obs[2])
+        for _ in range(3_000):
+            if mon.processed == 3:
+                break
+            await asyncio.sleep(0.001)
+    assert mon.processed == 3
+    assert len(waits) == 1 and 0 < waits[0] <= monitoring.TEXT_GRACE_S
+
 class CountingStore(AuditStore):
     def __init__(self, url: str) -> None:
         super().__init__(url)

@@ -1,0 +1,259 @@
+"""Where a request's time goes: the annotation's steps, the observers' share, and what the slowest requests overlap.
+
+Three parts, each its own subcommand (all on the replaying upstream of ``bench.replay_upstream``):
+
+``parts``     the fast path's steps on a recorded 128-token K=20 chat body and on one stream chunk, timed in a
+              loop in this process (``gc.freeze()`` first, as ``serve`` does).
+``variants``  sequential non-streaming requests through a real ``entropy-proxy serve``, started once per variant
+              and round (rounds interleaved): as configured, audit off, the monitors' text work off, both off.
+``trace``     the app in this process, sequential non-streaming requests over real sockets; for the slowest 3%
+              it lists what overlapped each one: audit writer batches, the monitors' text jobs, garbage collections.
+
+    python -m bench.request_path parts
+    python -m bench.request_path variants [--rounds 3] [--requests 400]
+    python -m bench.request_path trace [--requests 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from bench import _targets
+from bench._client import Connection
+from bench.profile_hotpath import _call
+from bench.replay_upstream import Replayer
+
+CHAT = "/v1/chat/completions"
+
+
+def _request(stream: bool, tokens: int) -> bytes:
+    return orjson.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "Tell me a story."}],
+                         "logprobs": True, "top_logprobs": 20, "max_tokens": tokens, "stream": stream})
+
+
+def _timed(name: str, f: Callable[[], Any], n: int) -> str:
+    f()
+    t = time.perf_counter()
+    for _ in range(n):
+        f()
+    return f"  {name:<44} {(time.perf_counter() - t) / n * 1e6:9.1f} µs"
+
+
+def parts() -> str:
+    from proxy.annotate import Annotator, ResponseAnnotator
+    from proxy.app import _thresholds
+    from proxy.hotpath import splice
+    from proxy.logprobs import chat_positions_typed
+    from proxy.rewrite import parse_request
+    from proxy.settings import Settings
+    from proxy.sse import SSEDecoder
+
+    rep = Replayer(tokens=128)
+    s = Settings(upstream="http://upstream.invalid", models=["smollm2"])
+    ann = Annotator(_thresholds(s), s.vocab_size, lambda m: 0.672, s.vocab_size_for)
+    out = ["128-token K=20 chat body (204 kB), per call:"]
+    req = _request(False, 128)
+    raw = b"".join(rep.handle("POST", CHAT, req).parts)
+    _, ask = parse_request(req, "chat", {})
+    gc.freeze()
+    body = splice._BODY.decode(raw)
+    lp = body.choices[0].logprobs
+    content = splice._LOGPROBS.decode(lp).content
+    pos = chat_positions_typed(content)
+    assert pos is not None
+    out += [
+        _timed("annotate_body_bytes (all of the below)", lambda: splice.annotate_body_bytes(
+            raw, ask, 20, lambda m: ResponseAnnotator(ann, ask, 20, "smollm2")), 300),
+        _timed("  decode the choices, logprobs kept raw", lambda: splice._BODY.decode(raw), 300),
+        _timed("  decode the logprobs into typed rows", lambda: splice._LOGPROBS.decode(lp), 300),
+        _timed("  positions from the typed rows", lambda: chat_positions_typed(content), 300),
+        _timed("  estimator", lambda: ann.estimate(pos, 49152), 300),
+        _timed("  surrogate-escape check (one regex pass)", lambda: splice._SURROGATE.search(raw), 300),
+    ]
+    out.append("one stream chunk (one token, K=20), per call:")
+    sreq = _request(True, 128)
+    events = rep._render(True, True, 20, 1, 128, False)
+    chunk = events[5]
+    ev = SSEDecoder().decode(chunk)[0]
+    assert ev.data is not None
+    _, sask = parse_request(sreq, "chat", {})
+    ra = ResponseAnnotator(ann, sask, 20, "smollm2")
+    dec = SSEDecoder()
+    out += [
+        _timed("SSE split", lambda: dec.decode(chunk), 5000),
+        _timed("annotate_chunk_bytes (decode, positions, estimate, splice)",
+               lambda: splice.annotate_chunk_bytes(ev.data, ra), 5000),
+    ]
+    return "\n".join(out)
+
+
+def _cpu(pid: int) -> float:
+    f = open(f"/proc/{pid}/stat").read().split(")")[1].split()  # noqa: SIM115 - a /proc read
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+VARIANTS = {
+    "as configured": {},
+    "audit off": {"ENTROPY_PROXY_AUDIT__ENABLED": "false"},
+    "text work off": {"ENTROPY_PROXY_MONITORS__TEXT_WORK_SHARE": "0.000001"},
+    "both off": {"ENTROPY_PROXY_AUDIT__ENABLED": "false", "ENTROPY_PROXY_MONITORS__TEXT_WORK_SHARE": "0.000001"},
+}
+
+
+async def _sequential(port: int, pid: int, n: int) -> tuple[float, float, float]:
+    c = Connection("127.0.0.1", port)
+    req = _request(False, 128)
+    for _ in range(50):
+        await c.request("POST", CHAT, req)
+    lat = []
+    c0 = _cpu(pid)
+    for _ in range(n):
+        r = await c.request("POST", CHAT, req)
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}")
+        lat.append(r.latency)
+    await c.close()
+    lat.sort()
+    return lat[n // 2] * 1e3, lat[int(n * 0.99)] * 1e3, (_cpu(pid) - c0) / n * 1e3
+
+
+def variants(rounds: int, requests: int) -> str:
+    wd = _targets.workdir()
+    up = _targets.start_upstream(wd, 128)
+    res: dict[str, list[tuple[float, float, float]]] = {k: [] for k in VARIANTS}
+    try:
+        for r in range(rounds):
+            for i, (name, env) in enumerate(VARIANTS.items()):
+                t = _targets.start_proxy(wd, f"http://127.0.0.1:{up.port}", name=f"v{i}r{r}", env=env)
+                try:
+                    res[name].append(asyncio.run(_sequential(t.port, t.pid, requests)))
+                finally:
+                    t.stop()
+    finally:
+        up.stop()
+    lines = [f"{requests} sequential 128-token K=20 non-streaming requests a round, {rounds} rounds "
+             "(values per round)", f"  {'variant':<14} {'p50 ms':<24} {'p99 ms':<24} proxy CPU ms a request"]
+    for name, rr in res.items():
+        lines.append(f"  {name:<14} " + " ".join(f"{x[0]:5.2f}" for x in rr).ljust(24) + " "
+                     + " ".join(f"{x[1]:5.1f}" for x in rr).ljust(24) + " " + " ".join(f"{x[2]:5.2f}" for x in rr))
+    return "\n".join(lines)
+
+
+async def _trace(requests: int, port: int) -> str:
+    from prometheus_client import CollectorRegistry
+
+    import proxy.audit.store as store_mod
+    import proxy.audit.writer as writer_mod
+    import proxy.monitoring as monitoring_mod
+    from proxy.app import create_app
+    from proxy.settings import Settings
+
+    spans: list[tuple[str, float, float]] = []
+
+    def around_async(cls: Any, name: str) -> None:
+        f = getattr(cls, name)
+
+        async def w(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return await f(*a, **k)
+            finally:
+                spans.append((name, t, time.perf_counter()))
+
+        setattr(cls, name, w)
+
+    around_async(writer_mod.AuditWriter, "_write")
+    around_async(store_mod.AuditStore, "insert_batch")
+    process = monitoring_mod.Monitoring._process
+
+    def text_job(self: Any, job: Any) -> None:
+        t = time.perf_counter()
+        try:
+            process(self, job)
+        finally:
+            spans.append(("text job", t, time.perf_counter()))
+
+    monitoring_mod.Monitoring._process = text_job  # type: ignore[method-assign]
+    started: dict[str, float] = {}
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        else:
+            spans.append((f"gc gen{info['generation']}", started["t"], time.perf_counter()))
+
+    gc.callbacks.append(on_gc)
+    wd = tempfile.mkdtemp(prefix="request-path-")
+    app = create_app(Settings(upstream=f"http://127.0.0.1:{port}", models=["smollm2"],
+                              audit={"url": f"sqlite:///{wd}/audit.db"}), registry=CollectorRegistry())
+    req = _request(False, 128)
+
+    async with app.router.lifespan_context(app):
+        for _ in range(50):
+            await _call(app, req)
+        gc.freeze()
+        spans.clear()
+        lat = []
+        for _ in range(requests):
+            t = time.perf_counter()
+            await _call(app, req)
+            lat.append((t, time.perf_counter() - t))
+    gc.callbacks.remove(on_gc)
+    ds = sorted(d for _, d in lat)
+    cut = ds[int(len(ds) * 0.97)]
+    slow = [(t, d) for t, d in lat if d >= cut]
+    kinds: dict[str, int] = {}
+    lines = [f"{requests} sequential requests in process: p50 {statistics.median(ds) * 1e3:.2f} ms, p99 "
+             f"{ds[int(len(ds) * 0.99)] * 1e3:.2f} ms; the slowest {len(slow)} and what overlapped them:"]
+    for t, d in slow:
+        over = sorted({n for n, a, b in spans if a < t + d and b > t})
+        for n in over or ["nothing traced"]:
+            kinds[n] = kinds.get(n, 0) + 1
+        lines.append(f"  {d * 1e3:6.1f} ms  " + (", ".join(over) or "nothing traced"))
+    lines.append("  counts: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+    return "\n".join(lines)
+
+
+def trace(requests: int) -> str:
+    wd = _targets.workdir()
+    up = _targets.start_upstream(wd, 128)
+    try:
+        import uvloop
+
+        return uvloop.run(_trace(requests, up.port))
+    finally:
+        up.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.request_path", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    sub.add_parser("parts")
+    v = sub.add_parser("variants")
+    v.add_argument("--rounds", type=int, default=3)
+    v.add_argument("--requests", type=int, default=400)
+    t = sub.add_parser("trace")
+    t.add_argument("--requests", type=int, default=600)
+    args = ap.parse_args(argv)
+    if args.what == "parts":
+        print(parts())
+    elif args.what == "variants":
+        print(variants(args.rounds, args.requests))
+    else:
+        print(trace(args.requests))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
