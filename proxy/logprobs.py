@@ -99,6 +99,10 @@ def _chat_fast(content: list[Any]) -> Positions | None:
     return Positions(arr, sampled, np.zeros(len(tokens), dtype=np.int64), None, tokens, alts, 0, impossible)
 
 
+_ZERO_COL = np.zeros(1, dtype=np.int64)
+_ZERO_COL.flags.writeable = False  # shared by every one-token Positions: nobody may write to it
+
+
 def chat_positions_typed(content: list[Any]) -> Positions | None:
     """``_chat_fast`` over typed entries (attributes ``token``, ``logprob``, ``top_logprobs``) as the fast path's
     decoder (``proxy.hotpath``) builds them; the same criteria, so the same Positions or None. Kept next to
@@ -107,6 +111,15 @@ def chat_positions_typed(content: list[Any]) -> Positions | None:
     stream, where numpy's per-call cost would dominate)."""
     if not content:
         return None
+    if len(content) == 1:  # a stream chunk: one token, the same checks without a generator each
+        p = content[0]
+        top = p.top_logprobs
+        if not top or top[0].token != p.token or top[0].logprob != p.logprob:
+            return None
+        row = [e.logprob for e in top]
+        return Positions(np.array([row], dtype=np.float64), np.array([p.logprob], dtype=np.float64), _ZERO_COL,
+                         None, [p.token], [[(e.token, e.logprob) for e in top[:N_ALTERNATIVES]]], 0,
+                         1 if max(row) > 1e-6 else 0, [row])
     tops = [p.top_logprobs for p in content]
     rows = [[e.logprob for e in t] for t in tops]
     width = len(rows[0])
