@@ -185,3 +185,31 @@ async def test_health(recorded):
         recorded.routes.clear()
         recorded.routes["/v1/models"] = lambda _: (_ for _ in ()).throw(httpx.ConnectError("down"))
         assert (await c.get("/readyz")).status_code == 503
+
+
+async def test_annotated_routes_answer_errors_in_the_openai_shape(recorded):
+    """The annotated routes are matched by plain Starlette routes ahead of FastAPI's: a ProxyError still gets the
+    app's handler (401 here), and an unexpected failure the app's catch-all 500, both OpenAI-shaped; the OpenAPI
+    document still lists both routes."""
+    from proxy.app import create_app
+    from proxy.settings import load_settings
+    from tests.plugins.recorded import UPSTREAM
+
+    s = load_settings({"upstream": UPSTREAM, "audit.enabled": False, "models": ["smollm2"], "api_keys": ["k1"]},
+                      environ={})
+    app = create_app(s, transport=httpx.MockTransport(recorded))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy.test") as c:
+            r = await c.post(CHAT, json=MSG)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+            async def boom(request, endpoint):
+                raise RuntimeError("a bug")
+
+            app.state.service.handle = boom
+            r = await c.post(COMP, json={"model": "smollm2", "prompt": "x"}, headers={"Authorization": "Bearer k1"})
+            assert r.status_code == 500
+            assert r.json()["error"]["code"] == "internal_error" and r.json()["error"]["type"] == "api_error"
+            paths = (await c.get("/openapi.json")).json()["paths"]
+            assert "post" in paths[CHAT] and "post" in paths[COMP]
