@@ -64,7 +64,8 @@ class _Stream(httpx.AsyncByteStream):
         await self.agen.aclose()
 
 
-async def _call(app: Any, body: bytes) -> tuple[int, bytes]:
+async def _call(app: Any, body: bytes, on_send: Any = None) -> tuple[int, bytes]:
+    """One request through the ASGI app; ``on_send(message)`` sees every message the app sends."""
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": CHAT, "raw_path": CHAT.encode(), "query_string": b"", "root_path": "",
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
@@ -84,6 +85,8 @@ async def _call(app: Any, body: bytes) -> tuple[int, bytes]:
 
     async def send(msg: dict[str, Any]) -> None:
         nonlocal status
+        if on_send is not None:
+            await on_send(msg)
         if msg["type"] == "http.response.start":
             status = msg["status"]
         elif msg["type"] == "http.response.body":

@@ -8,10 +8,14 @@ Three parts, each its own subcommand (all on the replaying upstream of ``bench.r
               and round (rounds interleaved): as configured, audit off, the monitors' text work off, both off.
 ``trace``     the app in this process, sequential non-streaming requests over real sockets; for the slowest 3%
               it lists what overlapped each one: audit writer batches, the monitors' text jobs, garbage collections.
+``start``     the app in this process, sequential paced streams over real sockets (30 ms apart, as a client
+              that reads a stream and then sends the next): median times from the request's ASGI call to each
+              step up to the first byte sent.
 
     python -m bench.request_path parts
     python -m bench.request_path variants [--rounds 3] [--requests 400]
     python -m bench.request_path trace [--requests 600]
+    python -m bench.request_path start [--requests 60]
 """
 
 from __future__ import annotations
@@ -235,6 +239,86 @@ def trace(requests: int) -> str:
         up.stop()
 
 
+async def _start(requests: int, port: int) -> str:
+    from prometheus_client import CollectorRegistry
+
+    import proxy.service as service_mod
+    import proxy.upstream as upstream_mod
+    from proxy.app import create_app
+    from proxy.hotpath import h1
+    from proxy.settings import Settings
+
+    marks: dict[str, float] = {}
+
+    def mark(k: str) -> None:
+        marks.setdefault(k, time.perf_counter())
+
+    def around(obj: Any, name: str, before: str, after: str) -> None:
+        f = getattr(obj, name)
+
+        async def w(*a: Any, **k: Any) -> Any:
+            mark(before)
+            r = await f(*a, **k)
+            mark(after)
+            return r
+
+        setattr(obj, name, w)
+
+    around(service_mod.ProxyService, "handle", "handler entered", "handler returned the response")
+    around(service_mod, "read_body", "body read: start", "body read: done")
+    around(upstream_mod.Upstream, "open_stream", "upstream call: start", "upstream call: status and headers in")
+    received = h1._Conn.data_received
+
+    def data_received(self: Any, data: bytes) -> None:
+        mark("upstream: first bytes")
+        received(self, data)
+
+    h1._Conn.data_received = data_received  # type: ignore[method-assign]
+    wd = tempfile.mkdtemp(prefix="request-path-")
+    app = create_app(Settings(upstream=f"http://127.0.0.1:{port}", models=["smollm2"],
+                              audit={"url": f"sqlite:///{wd}/audit.db"}), registry=CollectorRegistry())
+    req = _request(True, 64)
+
+    async def sender(msg: dict[str, Any]) -> None:
+        if msg["type"] == "http.response.start":
+            mark("response start sent")
+        elif msg["type"] == "http.response.body":
+            mark("first body bytes sent")
+
+    rows = []
+    async with app.router.lifespan_context(app):
+        for i in range(requests + 10):
+            marks.clear()
+            mark("ASGI call")
+            await _call(app, req, sender)
+            if i >= 10:
+                rows.append(dict(marks))
+            await asyncio.sleep(0.03)
+    keys = sorted(rows[0], key=lambda k: statistics.median(r[k] - r["ASGI call"] for r in rows))
+    out = [f"{requests} paced streams in process, median ms after the request's ASGI call:"]
+    for k in keys:
+        out.append(f"  {k:<40} {statistics.median((r[k] - r['ASGI call']) * 1e3 for r in rows):7.3f}")
+    return "\n".join(out)
+
+
+def start(requests: int) -> str:
+    wd = _targets.workdir()
+    up = _targets.start_upstream(wd, 64)
+    try:
+        import uvloop
+
+        async def go() -> str:
+            import httpx
+
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{up.port}") as c:
+                await c.post("/_replay/config", json={"token_delay_ms": 2.0})
+            return await _start(requests, up.port)
+
+        return uvloop.run(go())
+    finally:
+        up.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.request_path", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,13 +329,17 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--requests", type=int, default=400)
     t = sub.add_parser("trace")
     t.add_argument("--requests", type=int, default=600)
+    st = sub.add_parser("start")
+    st.add_argument("--requests", type=int, default=60)
     args = ap.parse_args(argv)
     if args.what == "parts":
         print(parts())
     elif args.what == "variants":
         print(variants(args.rounds, args.requests))
-    else:
+    elif args.what == "trace":
         print(trace(args.requests))
+    else:
+        print(start(args.requests))
     return 0
 
 
