@@ -64,7 +64,6 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.lost = False
         self.idle_since = 0.0
-        self.uses = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -309,7 +308,6 @@ class H1Client:
             conn = self._idle.pop()
             if conn.reusable(now, self.keepalive_expiry):
                 conn._reset()
-                conn.uses += 1
                 return conn, True
             conn.close()
         loop = asyncio.get_running_loop()
