@@ -140,6 +140,7 @@ async def run(args: argparse.Namespace) -> str:
 
 
 _GROUPS = (  # first match wins: (substring of the file path, component)
+    ("proxy/hotpath/h1", "proxy: upstream client (h1)"), ("uvicorn", "uvicorn"),
     ("proxy/hotpath", "proxy: fast path (decode, splice)"), ("proxy/logprobs", "proxy: positions"),
     ("monitors/entropy", "estimator (monitors/entropy.py)"), ("proxy/monitoring", "monitors, request path"),
     ("monitors/", "monitors, request path"), ("proxy/metrics", "metrics"), ("prometheus_client", "metrics"),
@@ -151,10 +152,14 @@ _GROUPS = (  # first match wins: (substring of the file path, component)
 )
 
 
-def groups(st: pstats.Stats, requests: int) -> str:
-    """Own time per component, per request."""
+def groups(st: pstats.Stats, requests: int, skip_suspended: bool = False) -> str:
+    """Own time per component, per request. ``skip_suspended``: leave out entries whose own time exceeds their
+    cumulative time (coroutines that were suspended for long, e.g. a lifespan, whose wait cProfile counts as their
+    own when they are resumed; wall-clock profiles of a server only)."""
     acc: dict[str, float] = {}
-    for (path, _line, name), (_cc, _nc, tt, _ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+    for (path, _line, name), (_cc, _nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+        if skip_suspended and tt > ct + 1e-3:
+            continue
         if path == "~":  # a C function: by what it is
             g = ("json (orjson, msgspec)" if any(x in name for x in ("orjson", "msgspec", "Decoder"))
                  else "numpy" if "numpy" in name else "builtins (C calls)")

@@ -11,11 +11,15 @@ Three parts, each its own subcommand (all on the replaying upstream of ``bench.r
 ``start``     the app in this process, sequential paced streams over real sockets (30 ms apart, as a client
               that reads a stream and then sends the next): median times from the request's ASGI call to each
               step up to the first byte sent.
+``profile``   ``entropy-proxy serve`` under cProfile (wall clock, main thread), ``--streams`` concurrent unpaced
+              64-token streams for ``--requests`` each, then the own time by component per response; ``--rev``
+              profiles the proxy at a git revision instead (before/after).
 
     python -m bench.request_path parts
     python -m bench.request_path variants [--rounds 3] [--requests 400]
     python -m bench.request_path trace [--requests 600]
     python -m bench.request_path start [--requests 60]
+    python -m bench.request_path profile [--streams 16 --requests 60]
 """
 
 from __future__ import annotations
@@ -319,6 +323,56 @@ def start(requests: int) -> str:
         up.stop()
 
 
+def profile(streams: int, requests: int, rev: str | None = None) -> str:
+    import pstats
+    import signal
+    import subprocess
+    import sys
+
+    from bench.profile_hotpath import groups
+
+    wd = _targets.workdir()
+    up = _targets.start_upstream(wd, 64)
+    out = wd / "serve.prof"
+    port = _targets.free_port()
+    tree = _targets.ROOT
+    if rev is not None:  # the proxy at a git revision of this repository, as bench.overhead --before does
+        tree = wd / f"tree-{rev}"
+        tree.mkdir()
+        archive = subprocess.run(["git", "-C", str(_targets.ROOT), "archive", rev], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    env = {**os.environ, "PYTHONPATH": str(tree), "ENTROPY_PROXY_AUDIT__URL": f"sqlite:///{wd}/audit.db",
+           "ENTROPY_PROXY_LOG_LEVEL": "warning"}
+    p = subprocess.Popen([sys.executable, "-m", "cProfile", "-o", str(out), "-m", "proxy.cli", "serve", "--upstream",
+                          f"http://127.0.0.1:{up.port}", "--port", str(port)], env=env, cwd=wd,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _targets._wait_http(f"http://127.0.0.1:{port}/readyz", p, wd / "none.log", 60)
+        req = _request(True, 64)
+
+        async def one() -> None:
+            c = Connection("127.0.0.1", port)
+            for _ in range(requests):
+                r = await c.request("POST", CHAT, req)
+                if r.status != 200:
+                    raise RuntimeError(f"HTTP {r.status}")
+            await c.close()
+
+        async def drive() -> None:
+            await asyncio.gather(*[one() for _ in range(streams)])
+
+        asyncio.run(drive())
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(60)
+        up.stop()
+    n = streams * requests
+    return (f"entropy-proxy serve{f' at {rev}' if rev else ''} under cProfile, {streams} concurrent unpaced "
+            f"64-token streams x {requests}, "
+            f"own time of the main thread per response:\n" + groups(pstats.Stats(str(out)), n, skip_suspended=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.request_path", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -331,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--requests", type=int, default=600)
     st = sub.add_parser("start")
     st.add_argument("--requests", type=int, default=60)
+    pr = sub.add_parser("profile")
+    pr.add_argument("--streams", type=int, default=16)
+    pr.add_argument("--requests", type=int, default=60)
+    pr.add_argument("--rev", help="profile entropy-proxy at this git revision instead of this tree")
     args = ap.parse_args(argv)
     if args.what == "parts":
         print(parts())
@@ -338,8 +396,10 @@ def main(argv: list[str] | None = None) -> int:
         print(variants(args.rounds, args.requests))
     elif args.what == "trace":
         print(trace(args.requests))
-    else:
+    elif args.what == "start":
         print(start(args.requests))
+    else:
+        print(profile(args.streams, args.requests, args.rev))
     return 0
 
 
