@@ -31,22 +31,23 @@ def body(stream: bool, tokens: int) -> bytes:
 
 
 async def stream_httpx(client: httpx.AsyncClient, req: bytes) -> int:
-    n = 0
+    """The number of SSE events read (both clients must read the same: checked)."""
+    pieces = []
     async with client.stream("POST", CHAT, content=req, headers=HEADERS) as r:
-        async for _ in r.aiter_raw():
-            n += 1
-    return n
+        async for piece in r.aiter_raw():
+            pieces.append(piece)
+    return b"".join(pieces).count(b"\n\n")
 
 
 async def stream_lean(client: H1Client, req: bytes) -> int:
-    n = 0
+    pieces = []
     r = await client.post(CHAT, req, HEADERS)
     try:
-        async for _ in r.aiter_raw():
-            n += 1
+        async for piece in r.aiter_raw():
+            pieces.append(piece)
     finally:
         await r.aclose()
-    return n
+    return b"".join(pieces).count(b"\n\n")
 
 
 async def unary_httpx(client: httpx.AsyncClient, req: bytes) -> int:
@@ -73,7 +74,8 @@ async def run(args: argparse.Namespace, port: int) -> dict[str, Any]:
     clients: dict[str, Any] = {"httpx": hx, "lean": lean}
     streamers = {"httpx": stream_httpx, "lean": stream_lean}
     unaries = {"httpx": unary_httpx, "lean": unary_lean}
-    out: dict[str, Any] = {n: {"us_per_event": [], "ms_cpu_per_body": [], "ms_wall_per_body": []} for n in clients}
+    out: dict[str, Any] = {n: {"us_per_event": [], "ms_cpu_per_body": [], "ms_wall_per_body": [], "events": set(),
+                               "body_bytes": set()} for n in clients}
     sreq, ureq = body(True, 64), body(False, 128)
     await configure(port, 2.0, 64)
     for n in clients:  # warm-up: connections open, code paths taken
@@ -83,6 +85,7 @@ async def run(args: argparse.Namespace, port: int) -> dict[str, Any]:
             c0 = time.process_time()
             events = sum(await asyncio.gather(*[streamers[n](clients[n], sreq) for _ in range(args.streams)]))
             out[n]["us_per_event"].append((time.process_time() - c0) / events * 1e6)
+            out[n]["events"].add(events)
     await configure(port, 0.0, 128)
     for n in clients:
         for _ in range(20):
@@ -93,12 +96,14 @@ async def run(args: argparse.Namespace, port: int) -> dict[str, Any]:
             c0 = time.process_time()
             for _ in range(args.requests // args.rounds):
                 t = time.perf_counter()
-                await unaries[n](clients[n], ureq)
+                out[n]["body_bytes"].add(await unaries[n](clients[n], ureq))
                 lat.append(time.perf_counter() - t)
             out[n]["ms_cpu_per_body"].append((time.process_time() - c0) / len(lat) * 1e3)
             out[n]["ms_wall_per_body"].append(statistics.median(lat) * 1e3)
     await hx.aclose()
     await lean.aclose()
+    if out["httpx"]["events"] != out["lean"]["events"] or out["httpx"]["body_bytes"] != out["lean"]["body_bytes"]:
+        raise RuntimeError(f"the clients read different things: {out}")
     return out
 
 
