@@ -59,8 +59,8 @@ MIN_QUANTILE_TOKENS = 500
 FORKING_QUANTILE = 0.8
 QUEUE_SIZE = 1_000
 # The text work of a response waits until this long after the response was queued: a stream's end is when its
-# client (or the next client) sends the next request, and the text work's C calls (chrF's set intersections) hold
-# the GIL for a millisecond or more, whatever the switch interval. A backlog older than this runs at once.
+# client (or the next client) sends the next request, and the text work slows that request's first milliseconds
+# whatever the GIL's switch interval (measured: docs/benchmarks.md §3). A backlog older than this runs at once.
 TEXT_GRACE_S = 0.01
 PSI_ALERT, JS_ALERT = 0.25, 0.1
 STATES = ("healthy", "recognition", "collapse", "drift", "unknown")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from time import perf_counter
@@ -47,7 +46,7 @@ from .errors import (
     normalise_error_body,
     sse_error_event,
 )
-from .hotpath import annotate_body_bytes, annotate_chunk_bytes
+from .hotpath import annotate_body_bytes, annotate_chunk_bytes, switched_off
 from .hotpath.h1 import H1Response
 from .observe import ObserverHub, RequestEvent
 from .rewrite import ClientAsk, dumps, force_logprobs, parse_request, upstream_k
@@ -168,7 +167,7 @@ class ProxyService:
         self.annotator = annotator
         # The fast path (proxy.hotpath) for chat bodies and chunks; off (ENTROPY_PROXY_HOTPATH=off, for A/B
         # benchmarks): everything takes the careful path.
-        self.fast = os.environ.get("ENTROPY_PROXY_HOTPATH", "on").lower() not in ("off", "0", "false")
+        self.fast = not switched_off("ENTROPY_PROXY_HOTPATH")
 
     async def handle(self, request: Request, endpoint: str) -> Response:
         t0 = perf_counter()

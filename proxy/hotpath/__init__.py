@@ -5,6 +5,14 @@ See :mod:`proxy.hotpath.splice`. Anything it does not recognise returns None and
 path (parse everything, annotate the objects, serialise them again), which gives the same annotation.
 """
 
+import os
+
 from .splice import annotate_body_bytes, annotate_chunk_bytes
 
-__all__ = ["annotate_body_bytes", "annotate_chunk_bytes"]
+__all__ = ["annotate_body_bytes", "annotate_chunk_bytes", "switched_off"]
+
+
+def switched_off(variable: str) -> bool:
+    """Whether an A/B switch of the fast path (``ENTROPY_PROXY_HOTPATH``, ``ENTROPY_PROXY_LEAN_UPSTREAM``) is off."""
+    return os.environ.get(variable, "on").lower() in ("off", "0", "false")
+

@@ -19,7 +19,6 @@ the reader has taken them; the memory a response holds is bounded by that, not b
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import urllib.request
 import zlib
@@ -30,10 +29,11 @@ from urllib.parse import urlsplit
 import httptools
 import httpx
 
+from . import switched_off
+
 __all__ = ["H1Client", "H1Response", "lean_client_for"]
 
 HIGH_WATER = 1 << 20  # bytes read but not yet taken by the reader, above which the socket is paused
-LOW_WATER = 1 << 18
 
 
 def lean_client_for(base_url: str, *, timeout: float | None, connect_timeout: float | None,
@@ -41,9 +41,7 @@ def lean_client_for(base_url: str, *, timeout: float | None, connect_timeout: fl
     """The lean client for ``base_url``, or None where httpx must do it: not ``http://``, or an HTTP proxy set in
     the environment for that host (httpx honours those), or ``ENTROPY_PROXY_HOTPATH=off``/
     ``ENTROPY_PROXY_LEAN_UPSTREAM=off``."""
-    if os.environ.get("ENTROPY_PROXY_HOTPATH", "on").lower() in ("off", "0", "false"):
-        return None
-    if os.environ.get("ENTROPY_PROXY_LEAN_UPSTREAM", "on").lower() in ("off", "0", "false"):
+    if switched_off("ENTROPY_PROXY_HOTPATH") or switched_off("ENTROPY_PROXY_LEAN_UPSTREAM"):
         return None
     parts = urlsplit(base_url)
     if parts.scheme != "http" or not parts.hostname:
