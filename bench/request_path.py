@@ -34,19 +34,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
-
 from bench import _targets
 from bench._client import Connection
+from bench.overhead import CHAT, body
 from bench.profile_hotpath import _call
 from bench.replay_upstream import Replayer
-
-CHAT = "/v1/chat/completions"
-
-
-def _request(stream: bool, tokens: int) -> bytes:
-    return orjson.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "Tell me a story."}],
-                         "logprobs": True, "top_logprobs": 20, "max_tokens": tokens, "stream": stream})
 
 
 def _timed(name: str, f: Callable[[], Any], n: int) -> str:
@@ -70,12 +62,12 @@ def parts() -> str:
     s = Settings(upstream="http://upstream.invalid", models=["smollm2"])
     ann = Annotator(_thresholds(s), s.vocab_size, lambda m: 0.672, s.vocab_size_for)
     out = ["128-token K=20 chat body (204 kB), per call:"]
-    req = _request(False, 128)
+    req = body(False, 128)
     raw = b"".join(rep.handle("POST", CHAT, req).parts)
     _, ask = parse_request(req, "chat", {})
     gc.freeze()
-    body = splice._BODY.decode(raw)
-    lp = body.choices[0].logprobs
+    choices = splice._BODY.decode(raw)
+    lp = choices.choices[0].logprobs
     content = splice._LOGPROBS.decode(lp).content
     pos = chat_positions_typed(content)
     assert pos is not None
@@ -89,7 +81,7 @@ def parts() -> str:
         _timed("  surrogate-escape check (one regex pass)", lambda: splice._SURROGATE.search(raw), 300),
     ]
     out.append("one stream chunk (one token, K=20), per call:")
-    sreq = _request(True, 128)
+    sreq = body(True, 128)
     events = rep._render(True, True, 20, 1, 128, False)
     chunk = events[5]
     ev = SSEDecoder().decode(chunk)[0]
@@ -105,11 +97,6 @@ def parts() -> str:
     return "\n".join(out)
 
 
-def _cpu(pid: int) -> float:
-    f = open(f"/proc/{pid}/stat").read().split(")")[1].split()  # noqa: SIM115 - a /proc read
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-
-
 VARIANTS = {
     "as configured": {},
     "audit off": {"ENTROPY_PROXY_AUDIT__ENABLED": "false"},
@@ -120,11 +107,11 @@ VARIANTS = {
 
 async def _sequential(port: int, pid: int, n: int) -> tuple[float, float, float]:
     c = Connection("127.0.0.1", port)
-    req = _request(False, 128)
+    req = body(False, 128)
     for _ in range(50):
         await c.request("POST", CHAT, req)
     lat = []
-    c0 = _cpu(pid)
+    c0 = _targets.cpu_seconds(pid)
     for _ in range(n):
         r = await c.request("POST", CHAT, req)
         if r.status != 200:
@@ -132,7 +119,7 @@ async def _sequential(port: int, pid: int, n: int) -> tuple[float, float, float]
         lat.append(r.latency)
     await c.close()
     lat.sort()
-    return lat[n // 2] * 1e3, lat[int(n * 0.99)] * 1e3, (_cpu(pid) - c0) / n * 1e3
+    return lat[n // 2] * 1e3, lat[int(n * 0.99)] * 1e3, (_targets.cpu_seconds(pid) - c0) / n * 1e3
 
 
 def variants(rounds: int, requests: int) -> str:
@@ -204,7 +191,7 @@ async def _trace(requests: int, port: int) -> str:
     wd = tempfile.mkdtemp(prefix="request-path-")
     app = create_app(Settings(upstream=f"http://127.0.0.1:{port}", models=["smollm2"],
                               audit={"url": f"sqlite:///{wd}/audit.db"}), registry=CollectorRegistry())
-    req = _request(False, 128)
+    req = body(False, 128)
 
     async with app.router.lifespan_context(app):
         for _ in range(50):
@@ -281,7 +268,7 @@ async def _start(requests: int, port: int) -> str:
     wd = tempfile.mkdtemp(prefix="request-path-")
     app = create_app(Settings(upstream=f"http://127.0.0.1:{port}", models=["smollm2"],
                               audit={"url": f"sqlite:///{wd}/audit.db"}), registry=CollectorRegistry())
-    req = _request(True, 64)
+    req = body(True, 64)
 
     async def sender(msg: dict[str, Any]) -> None:
         if msg["type"] == "http.response.start":
@@ -349,7 +336,7 @@ def profile(streams: int, requests: int, rev: str | None = None) -> str:
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _targets._wait_http(f"http://127.0.0.1:{port}/readyz", p, wd / "none.log", 60)
-        req = _request(True, 64)
+        req = body(True, 64)
 
         async def one() -> None:
             c = Connection("127.0.0.1", port)

@@ -16,18 +16,12 @@ import time
 from typing import Any
 
 import httpx
-import orjson
 
 from bench import _targets
+from bench.overhead import CHAT, body
 from proxy.hotpath.h1 import H1Client
 
-CHAT = "/v1/chat/completions"
 HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
-
-
-def body(stream: bool, tokens: int) -> bytes:
-    return orjson.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "Tell me a story."}],
-                         "max_tokens": tokens, "logprobs": True, "top_logprobs": 20, "stream": stream})
 
 
 async def stream_httpx(client: httpx.AsyncClient, req: bytes) -> int:
