@@ -43,6 +43,12 @@ def otel_client(up: RecordedUpstream, *components: str, **settings: Any):
     return proxy_client(up, components=(*components, "proxy.otel"), **{"otel.enabled": True, **settings})
 
 
+def audited_otel_client(up: RecordedUpstream, tmp_path: Path):
+    """With the audit trail on (every response recorded, feedback open to any client), in ``tmp_path``."""
+    return otel_client(up, "proxy.audit", **{"audit.enabled": True, "audit.sample_rate": 1.0, "audit.public": True,
+                                             "audit.url": f"sqlite:///{tmp_path}/audit.db"})
+
+
 def evaluations(span: dict[str, Any]) -> list[dict[str, Any]]:
     return [e["attributes"] for e in span["events"] if e["name"] == "gen_ai.evaluation.result"]
 
@@ -237,9 +243,7 @@ async def test_otel_sdk_disabled_traces_nothing(recorded: RecordedUpstream, coll
 async def test_feedback_and_later_evaluations_join_the_response_trace(recorded: RecordedUpstream, collector,
                                                                        tmp_path: Path) -> None:
     recorded.serve("/v1/chat/completions", "chat_k20.json")
-    async with otel_client(recorded, "proxy.audit", **{"audit.enabled": True, "audit.sample_rate": 1.0,
-                                                       "audit.public": True,
-                                                       "audit.url": f"sqlite:///{tmp_path}/audit.db"}) as c:
+    async with audited_otel_client(recorded, tmp_path) as c:
         r = await c.post("/v1/chat/completions", json=CHAT)
         rid = r.json()["id"]
         fb = await c.post("/v1/feedback", json={"id": rid, "correct": False, "note": "wrong colour"})
@@ -285,9 +289,7 @@ async def test_semantic_entropy_results_become_evaluations_in_the_trace(recorded
 async def test_traceresponse_lets_feedback_find_the_trace_without_the_index(recorded: RecordedUpstream, collector,
                                                                              tmp_path: Path) -> None:
     recorded.serve("/v1/chat/completions", "chat_k20.json")
-    async with otel_client(recorded, "proxy.audit", **{"audit.enabled": True, "audit.sample_rate": 1.0,
-                                                       "audit.public": True,
-                                                       "audit.url": f"sqlite:///{tmp_path}/audit.db"}) as c:
+    async with audited_otel_client(recorded, tmp_path) as c:
         r = await c.post("/v1/chat/completions", json=CHAT)
         own = r.headers["traceresponse"]
         c.app.state.otel._known.clear()  # as after a restart, or on another worker
