@@ -31,7 +31,7 @@ import numpy as np
 
 from monitors import recognition as rec
 from monitors.canary import PromptRound, measure_prompt, pass_k_for, round_measures
-from monitors.canary_diagnosis import MIN_BASELINE, compare, diagnose_canary
+from monitors.canary_diagnosis import MIN_BASELINE, CanaryVerdict, compare, diagnose_canary
 from monitors.collapse import fit_entropy_performance
 from monitors.entropy import estimate_positions
 
@@ -191,6 +191,11 @@ class Canary:
                     p.reference.encode()) + SCORE_ALLOWANCE
         return total
 
+    def _diagnose(self, record: RoundRecord, baseline: list[RoundRecord]) -> CanaryVerdict:
+        """The round against baseline rounds: paired intervals per measure, then the diagnosis."""
+        changes = compare([record.prompts], [b.prompts for b in baseline], k=pass_k_for(record.samples))
+        return diagnose_canary(changes, baseline_rounds=len(baseline), min_baseline=self.min_baseline)
+
     async def run_round(
         self, model: str, *, temperature: float | None = None, samples: int | None = None,
         steer: Steering = NO_STEERING, store: bool = True, revision: str | None = None,
@@ -234,14 +239,11 @@ class Canary:
             prev = await previous_baseline(self.rounds, model, rev, temperature, samples, self.min_baseline)
             if prev is not None:  # a new revision: compared with the one before it until it has its own baseline
                 other, rounds = prev
-                changes = compare([record.prompts], [b.prompts for b in rounds], k=pass_k_for(samples))
-                v = diagnose_canary(changes, baseline_rounds=len(rounds), min_baseline=self.min_baseline)
+                v = self._diagnose(record, rounds)
                 record.verdict = {**v.to_dict(), "against_revision": other, "reasons": [
                     f"{reason} of revision {rev}: compared with revision {other}'s baseline", *v.reasons]}
         else:
-            changes = compare([record.prompts], [b.prompts for b in baseline], k=pass_k_for(samples))
-            record.verdict = diagnose_canary(changes, baseline_rounds=len(baseline),
-                                             min_baseline=self.min_baseline).to_dict()
+            record.verdict = self._diagnose(record, baseline).to_dict()
         if store:
             await self.rounds.add(record)
             ms.revision, ms.last, ms.verdict = rev, record, record.verdict
